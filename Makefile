@@ -1,0 +1,57 @@
+# make train   installs what is missing and runs the main job on its embedded default
+# make test    installs what is missing (system packages too, as root), builds, lints, runs the CPU suite
+PYTHON        ?= python3
+DUALFLOW_CUDA ?= AUTO
+BUILD_DIR     ?= build/cuda
+JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
+STAMP         := .make
+PYTEST_ARGS   ?=
+
+export PYTHON DUALFLOW_CUDA
+
+.PHONY: train test test-gpu deps sysdeps build lint bench clean
+
+$(STAMP)/python-dev: pyproject.toml scripts/bootstrap.sh
+	@mkdir -p $(STAMP)
+	scripts/bootstrap.sh python dev,mpi,plot
+	@touch $@
+
+$(STAMP)/python-run: pyproject.toml scripts/bootstrap.sh
+	@mkdir -p $(STAMP)
+	scripts/bootstrap.sh python plot
+	@touch $@
+
+deps: $(STAMP)/python-dev
+
+sysdeps:
+	scripts/bootstrap.sh system
+
+# libdualflow_cuda into build/cuda (where dualflow/_cuda.py finds it in a checkout). With
+# DUALFLOW_CUDA=OFF an earlier build is removed so that the tree behaves as if none had been made.
+build: deps
+	@if [ "$(DUALFLOW_CUDA)" = "OFF" ]; then rm -f $(BUILD_DIR)/libdualflow_cuda.so; \
+	  echo "build: DUALFLOW_CUDA=OFF, no CUDA library"; \
+	else cmake -S . -B $(BUILD_DIR) -DDUALFLOW_CUDA=$(DUALFLOW_CUDA) -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	  cmake --build $(BUILD_DIR) -j $(JOBS); fi
+
+lint: deps
+	$(PYTHON) -m ruff check .
+
+test: deps sysdeps build lint
+	@start=$$(date +%s); \
+	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	echo "make test: pytest finished in $$(( $$(date +%s) - start )) s"; exit $$rc
+
+test-gpu: deps build
+	$(PYTHON) -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
+
+train: $(STAMP)/python-run
+	$(PYTHON) -m dualflow info
+	@echo "make train: the training job is not part of this version yet; 'dualflow info' above is the"
+	@echo "            smallest end-to-end check that exists."
+
+bench: deps build
+	$(PYTHON) -m dualflow bench
+
+clean:
+	rm -rf build $(STAMP) .pytest_cache

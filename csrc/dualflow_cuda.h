@@ -1,0 +1,37 @@
+// C ABI of libdualflow_cuda. Every function returns 0 on success or a nonzero code; the message of the
+// last failure on the calling thread is available from dualflow_last_error(). Device pointers, sizes and
+// cudaStream_t values cross the boundary as integers so that callers need no CUDA or torch headers.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DUALFLOW_API __attribute__((visibility("default")))
+
+enum dualflow_status {
+  DUALFLOW_OK = 0,
+  DUALFLOW_ERR_INVALID_ARGUMENT = 1,
+  DUALFLOW_ERR_CUDA = 2,
+  DUALFLOW_ERR_TIMEOUT = 3,
+  DUALFLOW_ERR_UNSUPPORTED = 4,
+  DUALFLOW_ERR_INTERNAL = 5,
+};
+
+// Version of this ABI; the Python loader refuses a library whose version differs from its own.
+DUALFLOW_API int dualflow_abi_version(void);
+// Message of the last failure on this thread ("" when none).
+DUALFLOW_API const char* dualflow_last_error(void);
+// Compile-time facts: "cuda=13.0 archs=90a cutlass=1".
+DUALFLOW_API int dualflow_build_info(char* buf, size_t len);
+// Number of CUDA devices the runtime sees; fails (with the driver's reason) where there is no driver.
+DUALFLOW_API int dualflow_device_count(int* count);
+// Fills n uint32 words at ptr with value on the given stream: the smallest launch, used by the GPU tests
+// to check that the library's kernels load and run on the device at hand.
+DUALFLOW_API int dualflow_fill_u32(uintptr_t ptr, int64_t n, uint32_t value, uintptr_t stream);
+
+#ifdef __cplusplus
+}
+#endif

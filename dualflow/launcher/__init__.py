@@ -1,0 +1,1 @@
+"""Launching over torchrun, SLURM and MPI; distributed initialisation; preflight; configuration."""

@@ -1,0 +1,7 @@
+"""Small shared helpers: NVTX ranges, timing and tables for benchmarks, rank-aware logging."""
+
+from dualflow.utils import nvtx
+from dualflow.utils.logging import current_rank, get_logger, print_rank0
+from dualflow.utils.timing import Table, Timing, time_fn, write_record
+
+__all__ = ["Table", "Timing", "current_rank", "get_logger", "nvtx", "print_rank0", "time_fn", "write_record"]

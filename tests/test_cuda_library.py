@@ -1,0 +1,86 @@
+"""libdualflow_cuda: the loader's errors, the C ABI through ctypes, and (on a GPU) a real launch."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+
+import pytest
+import torch
+
+from dualflow import _cuda
+
+
+def _library_expected() -> bool:
+    """The build makes the library whenever nvcc exists, unless DUALFLOW_CUDA=OFF."""
+    if os.environ.get("DUALFLOW_CUDA", "AUTO").upper() == "OFF":
+        return False
+    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+@pytest.fixture
+def lib():
+    if _cuda.library_path() is None:
+        if _library_expected():
+            pytest.fail("nvcc is present and DUALFLOW_CUDA is not OFF, but libdualflow_cuda was not built "
+                        "(run `make build`)")
+        pytest.skip("libdualflow_cuda not built (DUALFLOW_CUDA=OFF or no nvcc)")
+    return _cuda.load()
+
+
+def test_missing_library_says_where_it_looked_and_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(_cuda, "candidate_paths", lambda: [tmp_path / "nope.so"])
+    with pytest.raises(_cuda.CudaLibraryError) as err:
+        _cuda.load.__wrapped__()
+    text = str(err.value)
+    assert "nope.so (absent)" in text
+    assert "make build" in text and "DUALFLOW_CUDA_LIB" in text
+
+
+def test_unloadable_file_is_reported(monkeypatch, tmp_path):
+    bad = tmp_path / "libdualflow_cuda.so"
+    bad.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(_cuda, "candidate_paths", lambda: [bad])
+    with pytest.raises(_cuda.CudaLibraryError, match=r"not an ELF|invalid ELF|file too short"):
+        _cuda.load.__wrapped__()
+
+
+def test_env_var_path_comes_first(monkeypatch, tmp_path):
+    monkeypatch.setenv(_cuda.ENV_PATH, str(tmp_path / "x.so"))
+    assert _cuda.candidate_paths()[0] == tmp_path / "x.so"
+
+
+def test_abi_and_build_info(lib):
+    assert lib.dualflow_abi_version() == _cuda.ABI_VERSION
+    info = _cuda.build_info()
+    assert info.startswith("cuda="), info
+
+
+def test_errors_carry_the_library_message(lib):
+    with pytest.raises(_cuda.CudaLibraryError, match=r"n must be >= 0, got -5"):
+        _cuda.call("dualflow_fill_u32", 0, -5, 0, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match="4-byte aligned"):
+        _cuda.call("dualflow_fill_u32", 2, 1, 0, 0)
+    # Zero elements is a valid no-op and must not touch the GPU.
+    _cuda.call("dualflow_fill_u32", 0, 0, 0, 0)
+
+
+def test_device_count_without_driver_is_an_error_not_a_crash(lib):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; covered by the gpu test")
+    count = ctypes.c_int(-1)
+    with pytest.raises(_cuda.CudaLibraryError, match="cudaGetDeviceCount"):
+        _cuda.call("dualflow_device_count", ctypes.byref(count))
+
+
+@pytest.mark.gpu
+def test_kernel_launch_on_gpu(lib):
+    count = ctypes.c_int(0)
+    _cuda.call("dualflow_device_count", ctypes.byref(count))
+    assert count.value == torch.cuda.device_count()
+    out = torch.full((1 << 20,) , 7, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    _cuda.call("dualflow_fill_u32", out.data_ptr(), out.numel(), 0xDEADBEEF, stream)
+    torch.cuda.synchronize()
+    assert bool((out.view(torch.uint32) == 0xDEADBEEF).all())
