@@ -1,1 +1,55 @@
-"""FP8 with fine-grained scaling: 1x128 / 128x128 quantization, block-scaled GEMMs, FP8 linear layers."""
+"""FP8 with fine-grained scaling: 1x128 / 128x128 quantization, block-scaled GEMMs, FP8 linear layers.
+
+See docs/fp8.md. Importing this package loads torch only; Triton and the CUDA library are loaded when a
+kernel of theirs first runs.
+"""
+
+from dualflow.fp8.convert import ConversionReport, convert_to_fp8
+from dualflow.fp8.gemm import (
+    BACKENDS,
+    ENV_BACKEND,
+    EXPERT_ALIGNMENT,
+    BackendUnavailable,
+    available_backends,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    resolve_backend,
+)
+from dualflow.fp8.nn import Fp8GroupedLinear, Fp8Linear, Fp8WeightCache, invalidate_fp8_caches
+from dualflow.fp8.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize,
+    quantize_1x128,
+    quantize_1x128_and_128x1,
+    quantize_128x1,
+    quantize_128x128,
+)
+from dualflow.fp8.recipe import Fp8Recipe
+
+__all__ = [
+    "BACKENDS",
+    "BLOCK",
+    "ENV_BACKEND",
+    "EXPERT_ALIGNMENT",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "BackendUnavailable",
+    "ConversionReport",
+    "Fp8GroupedLinear",
+    "Fp8Linear",
+    "Fp8Recipe",
+    "Fp8WeightCache",
+    "available_backends",
+    "convert_to_fp8",
+    "dequantize",
+    "fp8_gemm",
+    "fp8_grouped_gemm",
+    "invalidate_fp8_caches",
+    "quantize_1x128",
+    "quantize_1x128_and_128x1",
+    "quantize_128x1",
+    "quantize_128x128",
+    "resolve_backend",
+]

@@ -1,0 +1,101 @@
+"""Triton quantization kernel: one program per 128x128 tile of ``x``, every layout from one read.
+
+Bit-exact with :mod:`dualflow.fp8.quant`'s reference: the amax is a max (order-free), the divisions are
+correctly rounded (``div_rn``, not the approximate ``/``), ``x * (1 / scale)`` is a single multiply (nothing
+to contract into an FMA), and the clamp keeps NaN before the round-to-nearest-even cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX
+
+_FLOOR = tl.constexpr(AMAX_FLOOR)
+_MAX = tl.constexpr(FP8_MAX)
+
+
+@triton.jit
+def _scale(amax, has_nan, POW2: tl.constexpr):
+    amax = tl.maximum(amax, _FLOOR)
+    amax = tl.where(has_nan, float("nan"), amax)  # maximum() drops NaN on the GPU: put it back
+    scale = tl.math.div_rn(amax, _MAX)
+    if POW2:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = bits & 0x7F800000
+        inexact = ((bits & 0x7FFFFF) != 0) & (exponent != 0x7F800000)
+        scale = tl.where(inexact, exponent + 0x800000, bits).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _to_fp8(y):
+    y = tl.where(y > _MAX, _MAX, y)  # where, not minimum/maximum: NaN must survive
+    y = tl.where(y < -_MAX, -_MAX, y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_kernel(x_ptr, R, C, sxr, sxc,
+                  q_ptr, s_ptr, sqr, ssr,
+                  qt_ptr, st_ptr, sqtr, sstr,
+                  ROWWISE: tl.constexpr, COLWISE: tl.constexpr, BLOCKWISE: tl.constexpr, POW2: tl.constexpr,
+                  TILE: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * TILE + tl.arange(0, TILE)
+    cols = pid_c * TILE + tl.arange(0, TILE)
+    in_r = rows < R
+    in_c = cols < C
+    mask = in_r[:, None] & in_c[None, :]
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    nan = (x != x).to(tl.int32)
+    one = tl.full((TILE,), 1.0, tl.float32)
+    if ROWWISE:  # 1x128: one scale per row of the tile
+        scale = _scale(tl.max(ax, axis=1), tl.max(nan, axis=1) > 0, POW2)
+        q = _to_fp8(x * tl.math.div_rn(one, scale)[:, None])
+        tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
+        tl.store(s_ptr + rows64 * ssr + pid_c, scale, mask=in_r)
+    if COLWISE:  # 128x1: one scale per column, written transposed ([C, R])
+        scale = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
+        q = _to_fp8(x * tl.math.div_rn(one, scale)[None, :])
+        mask_t = in_c[:, None] & in_r[None, :]
+        tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=mask_t)
+        tl.store(st_ptr + cols64 * sstr + pid_r, scale, mask=in_c)
+    if BLOCKWISE:  # 128x128: one scale for the tile
+        has_nan = tl.max(tl.max(nan, axis=1), axis=0) > 0
+        scale = _scale(tl.max(tl.max(ax, axis=1), axis=0), has_nan, POW2)
+        q = _to_fp8(x * tl.math.div_rn(1.0, scale))
+        tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
+        tl.store(s_ptr + pid_r * ssr + pid_c, scale)
+
+
+def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool):
+    """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for."""
+    rows, cols = x.shape
+    rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
+    q = s = qt = st = None
+    if rowwise or blockwise:
+        q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+        s = torch.empty((rb if blockwise else rows), cb, dtype=torch.float32, device=x.device)
+    if colwise:
+        qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
+        st = torch.empty(cols, rb, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, s, qt, st
+    first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
+    first_s = s if s is not None else st
+    _quant_kernel[(rb, cb)](
+        x, rows, cols, x.stride(0), x.stride(1),
+        first, first_s, cols, first_s.stride(0),
+        qt if qt is not None else first, st if st is not None else first_s, rows,
+        st.stride(0) if st is not None else 0,
+        ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE=BLOCK,
+        num_warps=8,
+    )
+    return q, s, qt, st

@@ -1,0 +1,254 @@
+"""FP8 training modules: ``Fp8Linear`` (drop-in ``nn.Linear``) and ``Fp8GroupedLinear`` (MoE experts).
+
+All three GEMMs of a linear layer run in FP8 with FP32 accumulation (DeepSeek-V3 recipe):
+
+    forward       y  = x  @ W.T     x 1x128 (along in_features), W 128x128
+    input grad    dx = dy @ W       dy 1x128 (along out_features), W.T 128x128 (the same blocks, transposed)
+    weight grad   dW = dy.T @ x     dy.T and x.T 1x128 along the tokens (128x1 quantization of dy and x)
+
+The forward quantizes ``x`` once into both layouts and keeps only the 128x1 one (FP8 + scales, about half
+of ``x`` in BF16) for the weight gradient. The FP8 copy of the weight (and its transpose, made at the
+first backward) is cached per module and rebuilt when the weight changes: the cache key holds the
+parameter's version counter, which every in-place update (``optimizer.step()``, ``copy_``) advances, and
+its storage, so all micro-batches of one optimizer step share one quantization. ``invalidate_fp8_cache()``
+(or :func:`invalidate_fp8_caches` on a model) drops it explicitly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.quant import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
+from dualflow.fp8.recipe import Fp8Recipe
+
+_GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class _Fp8Weight:
+    """One FP8 quantization of a weight ([out, in] or [G, out, in]), with its transpose made on demand."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.q, self.scales = q, scales
+        self._t: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # 128x128 blocks of W.T are the blocks of W transposed: same scales, same bytes
+        if self._t is None:
+            self._t = (self.q.transpose(-1, -2).contiguous(), self.scales.transpose(-1, -2).contiguous())
+        return self._t
+
+
+class Fp8WeightCache:
+    """The FP8 copy of one weight, remade only when the weight's version, storage or recipe changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._entry: _Fp8Weight | None = None
+        self.builds = 0  # how many times a quantization was made (what the tests and users can check)
+
+    def get(self, weight: torch.Tensor, recipe: Fp8Recipe) -> _Fp8Weight:
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
+               recipe.pow2_scales, recipe.quant_backend)
+        if key != self._key:
+            with torch.no_grad():
+                w = weight.detach()
+                kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+                if w.dim() == 2:
+                    q, s = quantize_128x128(w, **kw)
+                else:  # experts are quantized one by one: a 128x128 block never spans two of them
+                    parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
+                    q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+            self._entry, self._key = _Fp8Weight(q, s), key
+            self.builds += 1
+        return self._entry
+
+    def invalidate(self) -> None:
+        self._key = self._entry = None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype not in _GEMM_DTYPES:
+        raise TypeError(f"FP8 layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
+    return x.dtype
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe):
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        x2 = x.reshape(-1, x.shape[-1])
+        if weight.requires_grad:
+            (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x2, **kw)
+            ctx.save_for_backward(xtq, xts)
+        else:
+            xq, xs = quantize_1x128(x2, **kw)
+        w8 = cache.get(weight, recipe)
+        out = fp8_gemm(xq, xs, w8.q, w8.scales, out_dtype=_out_dtype(x), backend=recipe.backend)
+        if bias is not None:
+            out += bias.to(out.dtype)
+        # the FP8 weight is owned by the cache for the whole step: held here, not saved as an activation
+        ctx.w8, ctx.recipe, ctx.x_shape, ctx.x_dtype = w8, recipe, x.shape, x.dtype
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype if bias is not None else None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe = ctx.recipe
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dw:
+            (gq, gs), (gtq, gts) = quantize_1x128_and_128x1(dy2, **kw)
+            xtq, xts = ctx.saved_tensors
+            dw = fp8_gemm(gtq, gts, xtq, xts, out_dtype=_grad_dtype_of(ctx.w_dtype), backend=recipe.backend)
+        elif need_dx:
+            gq, gs = quantize_1x128(dy2, **kw)
+        if need_dx:
+            wtq, wts = ctx.w8.transposed()
+            dx = fp8_gemm(gq, gs, wtq, wts, out_dtype=_grad_dtype_of(ctx.x_dtype), backend=recipe.backend)
+            dx = dx.view(ctx.x_shape)
+        if need_db and ctx.b_dtype is not None:
+            db = dy2.float().sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None
+
+
+def _grad_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _GEMM_DTYPES else torch.float32
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose forward, input-gradient and weight-gradient GEMMs run in FP8 (see module doc).
+
+    Parameters, ``state_dict`` and initialization are those of ``nn.Linear``; ``in_features`` and
+    ``out_features`` must be multiples of 16.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 recipe: Fp8Recipe | None = None) -> None:
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"Fp8Linear needs in_features and out_features divisible by 16, got "
+                             f"{in_features} x {out_features}; keep this layer in nn.Linear")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe or Fp8Recipe()
+        self.fp8_cache = Fp8WeightCache()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe | None = None) -> Fp8Linear:
+        """An ``Fp8Linear`` sharing ``linear``'s parameter objects (optimizers holding them stay valid)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  recipe=recipe)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def invalidate_fp8_cache(self) -> None:
+        self.fp8_cache.invalidate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", pow2_scales={self.recipe.pow2_scales}, backend={self.recipe.backend!r}"
+
+
+class _Fp8GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, sizes: list[int], offsets: torch.Tensor, cache: Fp8WeightCache, recipe: Fp8Recipe):
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        xq, xs = quantize_1x128(x, **kw)
+        w8 = cache.get(weight, recipe)
+        out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
+                               backend=recipe.backend)
+        if weight.requires_grad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
+            bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
+            saved = [t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)]
+            ctx.save_for_backward(*saved)
+        ctx.w8, ctx.recipe, ctx.sizes, ctx.offsets = w8, recipe, sizes, offsets
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe = ctx.recipe
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if need_dx:
+            gq, gs = quantize_1x128(dy, **kw)
+            wtq, wts = ctx.w8.transposed()
+            dx = fp8_grouped_gemm(gq, gs, wtq, wts, group_offsets=ctx.offsets, out_dtype=_grad_dtype_of(ctx.x_dtype),
+                                  backend=recipe.backend)
+        if need_dw:
+            groups, n_out = ctx.w8.q.shape[:2]
+            dw = torch.zeros(groups, n_out, ctx.w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
+            saved = ctx.saved_tensors
+            lo = 0
+            for g, size in enumerate(ctx.sizes):
+                if size:
+                    gtq, gts = quantize_128x1(dy[lo:lo + size], **kw)
+                    dw[g] = fp8_gemm(gtq, gts, saved[2 * g], saved[2 * g + 1], out_dtype=dw.dtype,
+                                     backend=recipe.backend)
+                lo += size
+        return dx, dw, None, None, None, None
+
+
+class Fp8GroupedLinear(nn.Module):
+    """Per-expert linear layers ``y[rows of g] = x[rows of g] @ weight[g].T`` in FP8 (MoE experts).
+
+    ``x`` holds the tokens of all experts back to back (the contiguous layout of
+    :func:`dualflow.fp8.fp8_grouped_gemm`); ``tokens_per_expert`` says how many rows each expert owns and
+    must sum to ``x.shape[0]``. A tensor is read back to the host (one synchronization) because the
+    weight gradient is computed per expert. ``weight`` is ``[num_experts, out_features, in_features]``.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, device=None, dtype=None,
+                 recipe: Fp8Recipe | None = None) -> None:
+        super().__init__()
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"Fp8GroupedLinear needs in_features and out_features divisible by 16, got "
+                             f"{in_features} x {out_features}")
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, device=device, dtype=dtype))
+        self.recipe = recipe or Fp8Recipe()
+        self.fp8_cache = Fp8WeightCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.in_features ** -0.5  # nn.Linear's default (kaiming_uniform with a = sqrt(5)) per expert
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def invalidate_fp8_cache(self) -> None:
+        self.fp8_cache.invalidate()
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        sizes = [int(v) for v in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+                                  else tokens_per_expert)]
+        if len(sizes) != self.num_experts or sum(sizes) != x.shape[0] or min(sizes, default=0) < 0:
+            raise ValueError(f"tokens_per_expert must hold {self.num_experts} non-negative counts summing to "
+                             f"x.shape[0] = {x.shape[0]}, got {sizes}")
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must be [tokens, {self.in_features}], got {tuple(x.shape)}")
+        offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32, device=x.device)
+        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def invalidate_fp8_caches(model: nn.Module) -> int:
+    """Drop the FP8 weight copies of every FP8 module in ``model``; returns how many were dropped."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (Fp8Linear, Fp8GroupedLinear)):
+            module.invalidate_fp8_cache()
+            count += 1
+    return count

@@ -1,0 +1,200 @@
+"""Fine-grained FP8 (E4M3) quantization: 1x128 tiles, 128x128 blocks, and the 128x1 re-tiling of the backward.
+
+The math, identical bit for bit in every backend:
+
+    amax  = max |x| over the tile, in FP32 (a ragged edge is read as zero-padded)
+    scale = max(amax, 1e-4) / 448                 (optionally rounded up to a power of two)
+    q     = e4m3(clamp(x * (1 / scale), -448, 448))   round to nearest even
+
+``1 / scale`` is a correctly rounded FP32 reciprocal and ``x * (1 / scale)`` a multiplication, not a
+division. A tile holding NaN or Inf gets a non-finite scale (NaN or Inf), so nothing downstream can turn
+it into a finite wrong answer; ``check=True`` raises instead, naming the tile.
+
+Layouts (the contract every GEMM backend reads):
+
+- :func:`quantize_1x128` ``x[R, C]`` -> ``(q[R, C], scales[R, ceil(C/128)])``
+- :func:`quantize_128x128` ``w[R, C]`` -> ``(q[R, C], scales[ceil(R/128), ceil(C/128)])``
+- :func:`quantize_128x1` ``x[R, C]`` -> ``(qt[C, R], scales[C, ceil(R/128)])``: tiles run along the rows
+  of ``x`` and the result is the operand of the weight-gradient GEMM, ``x.T`` quantized 1x128.
+- :func:`quantize_1x128_and_128x1` reads ``x`` once and returns both of the above.
+
+All FP8 tensors are contiguous row-major ``torch.float8_e4m3fn``; all scales contiguous row-major FP32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+QuantBackend = Literal["auto", "reference", "triton"]
+Quantized = tuple[torch.Tensor, torch.Tensor]
+
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference implementation (plain torch, any device): the ground truth of the tests
+# ----------------------------------------------------------------------------------------------------------
+def round_scale_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive FP32 scales up to the next power of two (exact, on the bits); NaN and Inf stay."""
+    bits = scale.view(torch.int32)
+    exponent = bits & 0x7F800000
+    inexact = ((bits & 0x7FFFFF) != 0) & (exponent != 0x7F800000)
+    return torch.where(inexact, exponent + 0x800000, bits).view(torch.float32)
+
+
+def scale_from_amax(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
+    """``max(amax, 1e-4) / 448`` in FP32 (NaN propagates), optionally rounded up to a power of two."""
+    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    return round_scale_up_pow2(scale) if pow2_scales else scale
+
+
+def cast_to_fp8(y: torch.Tensor) -> torch.Tensor:
+    """Saturating round-to-nearest-even FP32 -> E4M3 (what the GPU's ``cvt.rn.satfinite`` does); NaN stays."""
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _reference(x: torch.Tensor, tile_rows: int, pow2_scales: bool) -> Quantized:
+    """Quantize ``x`` with ``tile_rows x 128`` tiles; the edges are zero-padded, the result is cut back."""
+    rows, cols = x.shape
+    pad_r, pad_c = -rows % tile_rows, -cols % BLOCK
+    xp = F.pad(x.float(), (0, pad_c, 0, pad_r))
+    tiles = xp.view((rows + pad_r) // tile_rows, tile_rows, (cols + pad_c) // BLOCK, BLOCK)
+    scale = scale_from_amax(tiles.abs().amax(dim=(1, 3)), pow2_scales)
+    q = cast_to_fp8(tiles * torch.reciprocal(scale)[:, None, :, None])
+    return q.view(rows + pad_r, cols + pad_c)[:rows, :cols].contiguous(), scale
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """FP32 ``q * scale`` for ``tile_rows x 128`` tiles (``tile_rows`` 1 or 128); the inverse of quantization."""
+    rows, cols = q.shape
+    expand = scales.repeat_interleave(tile_rows, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return q.float() * expand
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def _triton_usable(x: torch.Tensor) -> bool:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_usable(x) else "reference"
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        if not _triton_usable(x):
+            raise RuntimeError(
+                f"quantization backend 'triton' needs a CUDA tensor and an importable triton (or "
+                f"TRITON_INTERPRET=1 for CPU tensors); got a tensor on {x.device}. Use backend='reference' "
+                "or 'auto'.")
+        return backend
+    raise ValueError(f"unknown quantization backend {backend!r}; expected 'auto', 'reference' or 'triton'")
+
+
+def _validate(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} expects a 2-D tensor [rows, cols], got shape {tuple(x.shape)}; "
+                         "flatten the leading dimensions first (x.reshape(-1, x.shape[-1]))")
+    if x.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"{name} expects float32, bfloat16 or float16 input, got {x.dtype}")
+
+
+def _check_finite(scales: torch.Tensor, describe) -> None:
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0].tolist())
+        raise ValueError(f"non-finite input: {describe(i, j)} holds NaN or Inf (scale {scales[i, j].item()}); "
+                         f"{int(bad.sum())} of {scales.numel()} tiles are affected")
+
+
+def _tile(i: int, j: int, rows: int) -> str:
+    return f"tile x[{i * rows}:{(i + 1) * rows}, {j * BLOCK}:{(j + 1) * BLOCK}]" if rows > 1 \
+        else f"tile x[{i}, {j * BLOCK}:{(j + 1) * BLOCK}]"
+
+
+def _tile_t(i: int, j: int) -> str:  # scales of the 128x1 layout are indexed [column of x, row block of x]
+    return f"tile x[{j * BLOCK}:{(j + 1) * BLOCK}, {i}]"
+
+
+def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
+                   backend: QuantBackend = "auto") -> Quantized:
+    """1x128 tiles (activations, output gradients): ``x[R, C]`` -> ``(q[R, C], scales[R, ceil(C/128)])``."""
+    _validate(x, "quantize_1x128")
+    if _resolve(backend, x) == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        q, s, _, _ = _triton(x, rowwise=True, colwise=False, blockwise=False, pow2_scales=pow2_scales)
+    else:
+        q, s = _reference(x, 1, pow2_scales)
+    if check:
+        _check_finite(s, lambda i, j: _tile(i, j, 1))
+    return q, s
+
+
+def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
+                     backend: QuantBackend = "auto") -> Quantized:
+    """128x128 blocks (weights): ``w[R, C]`` -> ``(q[R, C], scales[ceil(R/128), ceil(C/128)])``."""
+    _validate(w, "quantize_128x128")
+    if _resolve(backend, w) == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        q, s, _, _ = _triton(w, rowwise=False, colwise=False, blockwise=True, pow2_scales=pow2_scales)
+    else:
+        q, s = _reference(w, BLOCK, pow2_scales)
+    if check:
+        _check_finite(s, lambda i, j: _tile(i, j, BLOCK))
+    return q, s
+
+
+def quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
+                   backend: QuantBackend = "auto") -> Quantized:
+    """128x1 tiles along the rows: ``x[R, C]`` -> ``(qt[C, R], scales[C, ceil(R/128)])``, i.e. ``x.T`` 1x128."""
+    _validate(x, "quantize_128x1")
+    if _resolve(backend, x) == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        _, _, qt, st = _triton(x, rowwise=False, colwise=True, blockwise=False, pow2_scales=pow2_scales)
+    else:
+        qt, st = _reference(x.t(), 1, pow2_scales)
+    if check:
+        _check_finite(st, _tile_t)
+    return qt, st
+
+
+def quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
+                             backend: QuantBackend = "auto") -> tuple[Quantized, Quantized]:
+    """Both :func:`quantize_1x128` and :func:`quantize_128x1` of ``x`` from a single read of ``x``."""
+    _validate(x, "quantize_1x128_and_128x1")
+    if _resolve(backend, x) == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        q, s, qt, st = _triton(x, rowwise=True, colwise=True, blockwise=False, pow2_scales=pow2_scales)
+    else:
+        (q, s), (qt, st) = _reference(x, 1, pow2_scales), _reference(x.t(), 1, pow2_scales)
+    if check:
+        _check_finite(s, lambda i, j: _tile(i, j, 1))
+        _check_finite(st, _tile_t)
+    return (q, s), (qt, st)
+
+
+def num_blocks(n: int) -> int:
+    """``ceil(n / 128)``: the number of scale entries along a dimension of ``n`` elements."""
+    return math.ceil(n / BLOCK)

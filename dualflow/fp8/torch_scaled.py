@@ -1,0 +1,119 @@
+"""The ``torch`` GEMM backend: torch's block-scaled ``scaled_mm`` (cuBLASLt), with dualflow's scales converted.
+
+What torch wants (ATen's ScaledBlas.cpp; sm90 only, cuBLASLt >= 12.9; ``mat_b`` passed as ``b.T``, i.e.
+column-major ``[K, N]``; K and N multiples of 16):
+
+- ``torch.nn.functional.scaled_mm`` (torch >= 2.10, ``_scaled_mm_v2``):
+  1x128 ``scale_a`` ``[M, K/128]`` with strides ``(1, M)`` (M-major); 1x128 ``scale_b`` ``[N, K/128]``
+  with strides ``(1, N)``; 128x128 ``scale_b`` ``[round_up(K/128, 4), N/128]`` with strides
+  ``(1, round_up(K/128, 4))``, i.e. the transpose of dualflow's ``[N/128, K/128]`` with its rows padded
+  to a multiple of 4 (builds before the padding rule want ``K/128`` rows: the same thing when K/128 is
+  a multiple of 4).
+- ``torch._scaled_mm`` (the older entry point): the same ``scale_a``; 128x128 ``scale_b`` is the
+  transpose view of dualflow's scales (``[K/128, N/128]``, strides ``(1, K/128)``); 1x128 ``scale_b`` is
+  ``[K/128, N]`` contiguous.
+
+Which entry point and layout a build accepts is probed once per (device, layout, output dtype) on a
+small GEMM whose result is checked against the reference backend. On the CPU none of this exists: torch
+accepts only tensor-wise and row-wise scales there, so the backend reports itself unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _m_major(s: torch.Tensor) -> torch.Tensor:
+    return s.t().contiguous().t()
+
+
+def _v2_scales(a_s, b_s, rowwise, pad):
+    if rowwise:
+        return _m_major(a_s), _m_major(b_s)
+    kb = b_s.shape[1]
+    rows = -(-kb // 4) * 4 if pad else kb
+    padded = b_s.new_zeros(b_s.shape[0], rows)
+    padded[:, :kb] = b_s
+    return _m_major(a_s), padded.t()
+
+
+def _call_v2(a, a_s, b, b_s, out_dtype, rowwise, pad):
+    sa, sb = _v2_scales(a_s, b_s, rowwise, pad)
+    kind = F.ScalingType
+    return F.scaled_mm(a, b.t(), sa, kind.BlockWise1x128, sb, kind.BlockWise1x128 if rowwise else kind.BlockWise128x128,
+                       output_dtype=out_dtype)
+
+
+def _call_v1(a, a_s, b, b_s, out_dtype, rowwise):
+    sb = b_s.t().contiguous() if rowwise else b_s.t()
+    return torch._scaled_mm(a, b.t(), _m_major(a_s), sb, out_dtype=out_dtype)
+
+
+def _conventions():
+    calls = []
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        calls += [("scaled_mm, scale rows padded to 4", functools.partial(_call_v2, pad=True)),
+                  ("scaled_mm", functools.partial(_call_v2, pad=False))]
+    if hasattr(torch, "_scaled_mm"):
+        calls.append(("_scaled_mm", _call_v1))
+    return calls
+
+
+@functools.cache
+def _probe(device_index: int, rowwise: bool, out_dtype: torch.dtype):
+    """(name, call) of the first convention this build runs correctly, or (None, the errors)."""
+    from dualflow.fp8.gemm import fp8_gemm
+    from dualflow.fp8.quant import quantize_1x128, quantize_128x128
+
+    device = torch.device("cuda", device_index)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(128, 384, device=device, generator=gen)  # K/128 = 3: padding matters
+    w = torch.randn(256, 384, device=device, generator=gen)
+    a, a_s = quantize_1x128(x, backend="reference")
+    b, b_s = (quantize_1x128 if rowwise else quantize_128x128)(w, backend="reference")
+    want = fp8_gemm(a, a_s, b, b_s, torch.float32, backend="reference").double()
+    errors = []
+    for name, call in _conventions():
+        try:
+            got = call(a, a_s, b, b_s, out_dtype, rowwise).double()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            errors.append(f"{name}: {str(exc).splitlines()[0]}")
+            continue
+        diff = 1 - 2 * (got * want).sum() / (got * got + want * want).sum()
+        if float(diff) < 1e-3:
+            return name, call
+        errors.append(f"{name}: ran but disagrees with the reference (difference {float(diff):.3g})")
+    return None, "; ".join(errors) or f"torch {torch.__version__} has neither F.scaled_mm nor torch._scaled_mm"
+
+
+def unavailable_reason(device: torch.device, rowwise: bool = False,
+                       out_dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when torch's block-scaled matmul runs on ``device``; otherwise why not."""
+    if device.type != "cuda":
+        return (f"torch's block-scaled matmul needs a CUDA sm90 GPU with cuBLASLt >= 12.9; tensors are on "
+                f"{device.type}, where torch {torch.__version__} accepts only tensor-wise and row-wise scales")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"torch's block-scaled matmul runs on sm90 only; this GPU is sm{major}{minor}"
+    name, detail = _probe(device.index if device.index is not None else torch.cuda.current_device(),
+                          rowwise, out_dtype)
+    return None if name is not None else f"torch {torch.__version__} rejected every scale layout tried ({detail})"
+
+
+def gemm(a, a_s, b, b_s, out_dtype, rowwise):
+    """``a @ b.T`` through torch's block-scaled matmul (raises :class:`BackendUnavailable` where it cannot)."""
+    from dualflow.fp8.gemm import BackendUnavailable
+
+    why = unavailable_reason(a.device, rowwise, out_dtype)
+    if why is not None:
+        raise BackendUnavailable(why)
+    k, n = a.shape[1], b.shape[0]
+    if k % 16 or n % 16:
+        raise BackendUnavailable(f"torch's scaled matmul needs K and N to be multiples of 16, got K={k}, N={n}; "
+                                 "use the triton or reference backend for this shape")
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    _, call = _probe(index, rowwise, out_dtype)
+    return call(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
