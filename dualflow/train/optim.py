@@ -1,0 +1,86 @@
+"""AdamW on FP32 master weights (moments FP32 or BF16) and the warm-up + cosine learning rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    moments_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"optim.moments_dtype={self.moments_dtype!r}: expected 'float32' or 'bfloat16'")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0 (grad_clip 0 = off)")
+
+
+def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class AdamW:
+    """Decoupled-weight-decay Adam over named FP32 parameters.
+
+    Only the parameters in ``owned`` (all by default) get optimizer state and updates: with ZeRO-1 each
+    data-parallel rank owns a share and the owners broadcast the results. Matrices decay; vectors
+    (norm weights) do not. State tensors are plain and named, so checkpoints address them directly.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: OptimConfig,
+                 owned: Iterable[str] | None = None) -> None:
+        self.cfg, self.params = cfg, params
+        dtype = torch.bfloat16 if cfg.moments_dtype == "bfloat16" else torch.float32
+        self.owned = list(params if owned is None else owned)
+        for name in self.owned:
+            if params[name].dtype != torch.float32:
+                raise TypeError(f"{name}: master weights must be float32, got {params[name].dtype}")
+        self.exp_avg = {n: torch.zeros_like(params[n], dtype=dtype) for n in self.owned}
+        self.exp_avg_sq = {n: torch.zeros_like(params[n], dtype=dtype) for n in self.owned}
+        self.steps = torch.zeros((), dtype=torch.int64)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        c = self.cfg
+        self.steps += 1
+        t = int(self.steps)
+        bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
+        for name in self.owned:
+            p = self.params[name]
+            if p.grad is None:
+                continue
+            g = p.grad.float()
+            m = self.exp_avg[name].float().mul_(c.beta1).add_(g, alpha=1 - c.beta1)
+            v = self.exp_avg_sq[name].float().mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
+            if p.ndim >= 2 and c.weight_decay:
+                p.mul_(1 - lr * c.weight_decay)
+            p.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(c.eps), value=-lr)
+            self.exp_avg[name].copy_(m)
+            self.exp_avg_sq[name].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"step": self.steps}
+        for n in self.owned:
+            out[f"{n}.exp_avg"] = self.exp_avg[n]
+            out[f"{n}.exp_avg_sq"] = self.exp_avg_sq[n]
+        return out
