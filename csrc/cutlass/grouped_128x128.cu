@@ -1,0 +1,4 @@
+// Configuration grouped_128x128 of configs.h in its own translation unit, so that configurations compile in parallel.
+#include "kernels.cuh"
+
+DF_CUTLASS_INSTANTIATE(3, "grouped_128x128")
