@@ -1,0 +1,279 @@
+"""The training loop: build this rank's part of the model, step, reduce, update, report, checkpoint.
+
+One optimizer step:
+1. this data-parallel rank's share of the next global batch;
+2. the engine's forward/backward over the micro-batches (pipeline schedule or local loop), leaving the
+   gradients of ``loss / (micro-batches * dp)``;
+3. global loss (non-finite -> stop, naming the step, the rank and the last good checkpoint);
+4. non-expert gradients summed over the data-parallel group, global-norm clipping;
+5. AdamW at the scheduled learning rate (ZeRO-1: owners update, then broadcast);
+6. balancing biases nudged from the expert loads summed over all ranks;
+7. metrics on rank 0; validation every ``val_every``; a checkpoint every ``checkpoint.every``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dualflow.train.checkpoint import CheckpointManager
+from dualflow.train.config import TrainConfig
+from dualflow.train.data import BatchLoader, load_streams, validation_batches
+from dualflow.train.engine import Engine, LocalEngine
+from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
+from dualflow.train.model import Stage
+from dualflow.train.optim import AdamW, learning_rate
+from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, reduce_gradients, zero1_owners
+from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did: the global loss of every step it ran, validation losses by step, the last step."""
+
+    losses: dict[int, float]
+    val_losses: dict[int, float]
+    last_step: int
+    resumed_from: int | None
+    checkpoint: Path | None
+
+
+def build_stages(cfg: TrainConfig, topo: Topology) -> list[Stage]:
+    """This rank's stage modules, in the order the pipeline runtime expects them, initialised."""
+    par, m = cfg.parallel, cfg.model
+    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    experts = topo.expert_ids(m.n_routed_experts)
+    n = 1 if par.pp == 1 else num_stages(par.schedule, par.pp)
+    ids = (0,) if par.pp == 1 else rank_stages(par.schedule, par.pp, topo.pp_rank)
+    embed_cost, layer_costs, head_cost = stage_costs(m, cfg.data.seq_len)
+    parts = balanced_partition(layer_costs, n, embed_cost, head_cost)
+    built: dict[int, Stage] = {}
+    for s in sorted(ids):  # stage 0 first: a tied head on this rank borrows its embedding
+        first = built.get(0)
+        built[s] = Stage(m, parts[s], first=s == 0, last=s == n - 1, expert_ids=experts, compute_dtype=dtype,
+                         tied_embed=first.embed if first is not None else None)
+    for stage in built.values():
+        stage.init_weights(cfg.train.seed)
+        stage.to(topo.device)
+    return [built[s] for s in ids]
+
+
+def named_parameters(stages: list[Stage]) -> dict[str, nn.Parameter]:
+    params: dict[str, nn.Parameter] = {}
+    for stage in stages:
+        for name, p in stage.named_parameters():
+            if params.setdefault(name, p) is not p:
+                raise RuntimeError(f"two different parameters are both named {name!r} on this rank")
+    return params
+
+
+class Trainer:
+    """A training run of ``cfg`` on this process (call on every rank; the process group is already up)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | None = None, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or torch.device("cpu")
+        self.topo = topo = Topology.build(cfg.parallel, self.device)
+        torch.manual_seed(cfg.train.seed + topo.rank)
+        run, par = cfg.train, cfg.parallel
+        self.run_dir = Path(run.run_dir)
+        self.log = MetricsLog(self.run_dir, run.steps, run.log_every, enabled=topo.rank == 0)
+        streams = load_streams(cfg.data)
+        self.loader = BatchLoader(streams.train, cfg.data.seq_len, run.global_batch, dp_rank=topo.dp_rank,
+                                  dp_size=par.dp, seed=cfg.data.seed, vocab_size=cfg.model.vocab_size)
+        self.val = validation_batches(streams.val, cfg.data.seq_len, run.global_batch, run.val_batches,
+                                      dp_rank=topo.dp_rank, dp_size=par.dp)
+        self.stages = build_stages(cfg, topo)
+        self.fp8_report = self._setup_fp8() if run.fp8 else None
+        self._setup_exchange()
+        self.engine = engine or self._build_engine()
+        self.params = named_parameters(self.stages)
+        # Each distinct parameter enters the gradient norm once: a DualPipe rank's second module is
+        # the first module of its mirror rank.
+        self.counted = set(named_parameters(self.stages[:1])) if par.schedule == "dualpipe" and par.pp > 1 \
+            else set(self.params)
+        self.owners = zero1_owners(self.params, par.dp) if par.zero1 else {}
+        owned = [n for n in self.params if self.owners.get(n, topo.dp_rank) == topo.dp_rank]
+        self.optimizer = AdamW(self.params, cfg.optim, owned)
+        self.routers = {lid: r for stage in self.stages for lid, r in stage.moe_routers().items()}
+        self.checkpoints = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
+                                             cfg.checkpoint.keep)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: int | None = None
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _setup_fp8(self) -> str:
+        from dualflow.fp8 import Fp8Recipe, convert_to_fp8
+
+        reports = [convert_to_fp8(stage, Fp8Recipe()) for stage in self.stages]
+        converted = sum(len(r.converted) for r in reports)
+        kept = sorted({name.split(".")[-1] for r in reports for name, _ in r.skipped})
+        return f"FP8: {converted} linear layers converted; kept in high precision: {', '.join(kept) or 'none'}"
+
+    def _setup_exchange(self) -> None:
+        if self.cfg.parallel.dp == 1:
+            return
+        from dualflow.train.ep import ExpertParallelExchange
+
+        exchange = ExpertParallelExchange(self.topo.dp_group, self.cfg.model.dim, self.cfg.model.n_routed_experts,
+                                          fp8=self.cfg.train.fp8 and self.cfg.train.fp8_dispatch)
+        for stage in self.stages:
+            stage.set_exchange(exchange)
+
+    def _build_engine(self) -> Engine:
+        par = self.cfg.parallel
+        scale = 1.0 / (par.microbatches * par.dp)
+        if par.pp == 1:
+            return LocalEngine(self.stages[0], par.microbatches, scale)
+        from dualflow.train.pipeline import PipelineEngine
+
+        return PipelineEngine(self.stages, self.topo, par, scale)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs, as global-named tensors (see checkpoint.py)."""
+        state: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            state.update({f"model.{k}": v for k, v in stage.state_dict().items()})
+        state.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
+        state.update({f"data.{k}": v for k, v in self.loader.state_dict().items()})
+        state["train.step"] = torch.tensor(self.step, dtype=torch.int64)
+        state[f"rng.cpu.rank{self.topo.rank}"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state[f"rng.cuda.rank{self.topo.rank}"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def resume(self) -> bool:
+        """Restore the latest complete checkpoint, if there is one (every rank)."""
+        path = self.checkpoints.latest()
+        found = self.topo.all_reduce([-1.0 if path is None else float(self.checkpoints.step_of(path))], "min")[0]
+        if path is None or found != self.checkpoints.step_of(path):
+            if path is not None or found >= 0:
+                raise RuntimeError("ranks see different latest checkpoints; the checkpoint directory must be "
+                                   "shared by all ranks")
+            return False
+        state = self.state_dict()  # model and optimizer entries alias the live tensors: loaded in place
+        self.checkpoints.load(path, state)
+        self.loader.load_state_dict({"position": state["data.position"]})
+        self.step = int(state["train.step"])
+        torch.set_rng_state(state[f"rng.cpu.rank{self.topo.rank}"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state[f"rng.cuda.rank{self.topo.rank}"], self.device)
+        self.last_checkpoint, self.resumed_from = path, self.step
+        self.log.info(f"resumed from {path} (step {self.step})")
+        return True
+
+    def save(self) -> Path:
+        path = self.checkpoints.save(self.step, self.state_dict())
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------------------------------- loop
+    def validate(self) -> float:
+        for stage in self.stages:
+            stage.eval()
+        total, count = 0.0, 0
+        for x, y in self.val:
+            s, c = self.engine.evaluate(x.to(self.device), y.to(self.device))
+            total, count = total + float(s), count + c
+        for stage in self.stages:
+            stage.train()
+        total, count = self.topo.all_reduce([total, float(count)])
+        return total / count
+
+    def _check_finite(self, local_loss: float, loss: float) -> None:
+        if math.isfinite(loss):
+            return
+        world = self.topo.cfg.world
+        first = int(self.topo.all_reduce([self.topo.rank if not math.isfinite(local_loss) else world], "min")[0])
+        where = f"rank {first}" if first < world else "an unknown rank"
+        last = str(self.last_checkpoint) if self.last_checkpoint else "none (no checkpoint was written yet)"
+        raise TrainingDiverged(f"loss is {loss} at step {self.step + 1}, first non-finite on {where}; "
+                               f"last good checkpoint: {last}")
+
+    def _update_balance(self) -> float:
+        """Sum each MoE layer's expert loads over all ranks, nudge the biases; return the worst max/mean."""
+        m = self.cfg.model
+        loads = torch.zeros(m.n_layers, m.n_routed_experts, dtype=torch.float64)
+        for lid, router in self.routers.items():
+            loads[lid] += router.load.double().cpu()
+        flat = self.topo.all_reduce(loads.flatten().tolist())
+        loads = torch.tensor(flat, dtype=torch.float64).view_as(loads)
+        for lid, router in self.routers.items():
+            router.update_bias(loads[lid].to(router.load))
+        moe = loads[m.n_dense_layers:]
+        return float((moe.max(-1).values / moe.mean(-1).clamp(min=1e-9)).max()) if len(moe) else 1.0
+
+    def train_step(self) -> dict[str, float]:
+        cfg, topo = self.cfg, self.topo
+        start = time.perf_counter()
+        x, y = self.loader.next()
+        local_sum, local_count = self.engine.step(x.to(self.device), y.to(self.device))
+        total, count = topo.all_reduce([float(local_sum), float(local_count)])
+        loss = total / count
+        self._check_finite(float(local_sum), loss)
+        reduce_gradients(self.params, topo)
+        grad_norm = clip_gradients(self.params, self.counted, topo, cfg.optim.grad_clip)
+        lr = learning_rate(self.step, cfg.train.steps, cfg.optim)
+        self.optimizer.step(lr)
+        broadcast_owned(self.params, self.owners, topo)
+        for p in self.params.values():
+            p.grad = None
+        balance = self._update_balance()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        tokens = cfg.train.global_batch * cfg.data.seq_len
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
+                "tokens_per_s": tokens / elapsed, "expert_load_max_over_mean": balance}
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        peak = peak_flops(self.device, self.cfg.train.fp8)
+        if peak is None:
+            return None
+        embed, layers, head = stage_costs(self.cfg.model, self.cfg.data.seq_len)
+        return 3 * (embed + sum(layers) + head) * tokens_per_s / (peak * self.topo.cfg.world)
+
+    def train(self, resume: bool = False) -> Summary:
+        """Run to ``train.steps`` (continuing from the latest checkpoint when ``resume``)."""
+        cfg = self.cfg
+        if resume:
+            self.resume()
+        if self.step == 0:
+            self.log.info(f"model: {cfg.model.num_params() / 1e6:.2f}M parameters "
+                          f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token); "
+                          f"{cfg.parallel.pp} pipeline x {cfg.parallel.dp} data/expert-parallel ranks, "
+                          f"schedule {cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches")
+            if self.fp8_report:
+                self.log.info(self.fp8_report)
+        losses, val_losses = {}, {}
+        if self.step == 0:
+            val_losses[0] = self.validate()
+            self.log.write({"step": 0, "val_loss": val_losses[0]})
+            self.log.info(f"step     0/{cfg.train.steps} initial validation loss {val_losses[0]:.4f}")
+        while self.step < cfg.train.steps:
+            record = self.train_step()
+            losses[self.step] = record["loss"]
+            record["mfu"] = self._mfu(record["tokens_per_s"])
+            record["peak_memory_mb"] = peak_memory_mb(self.device)
+            if self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps:
+                record["val_loss"] = val_losses[self.step] = self.validate()
+            self.log.step(record)
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                self.save()
+        png = self.log.plot(self.run_dir / "loss.png")
+        if png is not None:
+            self.log.info(f"loss curve: {png}; metrics: {self.log.path}")
+        return Summary(losses, val_losses, self.step, self.resumed_from, self.last_checkpoint)
