@@ -21,6 +21,7 @@ accepts only tensor-wise and row-wise scales there, so the backend reports itsel
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,41 +31,37 @@ def _m_major(s: torch.Tensor) -> torch.Tensor:
     return s.t().contiguous().t()
 
 
-def _v2_scales(a_s, b_s, rowwise, pad):
-    if rowwise:
-        return _m_major(a_s), _m_major(b_s)
-    kb = b_s.shape[1]
-    rows = -(-kb // 4) * 4 if pad else kb
-    padded = b_s.new_zeros(b_s.shape[0], rows)
-    padded[:, :kb] = b_s
-    return _m_major(a_s), padded.t()
-
-
-def _call_v2(a, a_s, b, b_s, out_dtype, rowwise, pad):
-    sa, sb = _v2_scales(a_s, b_s, rowwise, pad)
+def _prepare_v2(a, a_s, b, b_s, out_dtype, rowwise, pad):
     kind = F.ScalingType
-    return F.scaled_mm(a, b.t(), sa, kind.BlockWise1x128, sb, kind.BlockWise1x128 if rowwise else kind.BlockWise128x128,
-                       output_dtype=out_dtype)
+    if rowwise:
+        sb, recipe_b = _m_major(b_s), kind.BlockWise1x128
+    else:
+        kb = b_s.shape[1]
+        padded = b_s.new_zeros(b_s.shape[0], -(-kb // 4) * 4 if pad else kb)
+        padded[:, :kb] = b_s
+        sb, recipe_b = padded.t(), kind.BlockWise128x128
+    sa, bt = _m_major(a_s), b.t()
+    return lambda: F.scaled_mm(a, bt, sa, kind.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)
 
 
-def _call_v1(a, a_s, b, b_s, out_dtype, rowwise):
-    sb = b_s.t().contiguous() if rowwise else b_s.t()
-    return torch._scaled_mm(a, b.t(), _m_major(a_s), sb, out_dtype=out_dtype)
+def _prepare_v1(a, a_s, b, b_s, out_dtype, rowwise):
+    sa, sb, bt = _m_major(a_s), (b_s.t().contiguous() if rowwise else b_s.t()), b.t()
+    return lambda: torch._scaled_mm(a, bt, sa, sb, out_dtype=out_dtype)
 
 
 def _conventions():
     calls = []
     if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
-        calls += [("scaled_mm, scale rows padded to 4", functools.partial(_call_v2, pad=True)),
-                  ("scaled_mm", functools.partial(_call_v2, pad=False))]
+        calls += [("scaled_mm, scale rows padded to 4", functools.partial(_prepare_v2, pad=True)),
+                  ("scaled_mm", functools.partial(_prepare_v2, pad=False))]
     if hasattr(torch, "_scaled_mm"):
-        calls.append(("_scaled_mm", _call_v1))
+        calls.append(("_scaled_mm", _prepare_v1))
     return calls
 
 
 @functools.cache
 def _probe(device_index: int, rowwise: bool, out_dtype: torch.dtype):
-    """(name, call) of the first convention this build runs correctly, or (None, the errors)."""
+    """(name, prepare) of the first convention this build runs correctly, or (None, the errors)."""
     from dualflow.fp8.gemm import fp8_gemm
     from dualflow.fp8.quant import quantize_1x128, quantize_128x128
 
@@ -76,15 +73,15 @@ def _probe(device_index: int, rowwise: bool, out_dtype: torch.dtype):
     b, b_s = (quantize_1x128 if rowwise else quantize_128x128)(w, backend="reference")
     want = fp8_gemm(a, a_s, b, b_s, torch.float32, backend="reference").double()
     errors = []
-    for name, call in _conventions():
+    for name, prepare in _conventions():
         try:
-            got = call(a, a_s, b, b_s, out_dtype, rowwise).double()
+            got = prepare(a, a_s, b, b_s, out_dtype, rowwise)().double()
         except (RuntimeError, ValueError, TypeError) as exc:
             errors.append(f"{name}: {str(exc).splitlines()[0]}")
             continue
         diff = 1 - 2 * (got * want).sum() / (got * got + want * want).sum()
         if float(diff) < 1e-3:
-            return name, call
+            return name, prepare
         errors.append(f"{name}: ran but disagrees with the reference (difference {float(diff):.3g})")
     return None, "; ".join(errors) or f"torch {torch.__version__} has neither F.scaled_mm nor torch._scaled_mm"
 
@@ -103,8 +100,11 @@ def unavailable_reason(device: torch.device, rowwise: bool = False,
     return None if name is not None else f"torch {torch.__version__} rejected every scale layout tried ({detail})"
 
 
-def gemm(a, a_s, b, b_s, out_dtype, rowwise):
-    """``a @ b.T`` through torch's block-scaled matmul (raises :class:`BackendUnavailable` where it cannot)."""
+def prepare(a, a_s, b, b_s, out_dtype, rowwise) -> Callable[[], torch.Tensor]:
+    """Convert the scales to torch's layouts once; the returned call runs ``a @ b.T`` in torch's matmul.
+
+    Raises :class:`~dualflow.fp8.gemm.BackendUnavailable` where torch cannot run it.
+    """
     from dualflow.fp8.gemm import BackendUnavailable
 
     why = unavailable_reason(a.device, rowwise, out_dtype)
@@ -115,5 +115,10 @@ def gemm(a, a_s, b, b_s, out_dtype, rowwise):
         raise BackendUnavailable(f"torch's scaled matmul needs K and N to be multiples of 16, got K={k}, N={n}; "
                                  "use the triton or reference backend for this shape")
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    _, call = _probe(index, rowwise, out_dtype)
-    return call(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
+    _, make = _probe(index, rowwise, out_dtype)
+    return make(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
+
+
+def gemm(a, a_s, b, b_s, out_dtype, rowwise) -> torch.Tensor:
+    """``a @ b.T`` through torch's block-scaled matmul."""
+    return prepare(a, a_s, b, b_s, out_dtype, rowwise)()
