@@ -51,12 +51,12 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = ModelConfig()
-    parallel: ParallelConfig = ParallelConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: RunConfig = RunConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: RunConfig = dataclasses.field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         local, chunks = self.train.global_batch / self.parallel.dp, self.parallel.microbatches

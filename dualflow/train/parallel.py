@@ -63,7 +63,7 @@ class Topology:
     dp_rank: int
     pp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def build(cls, cfg: ParallelConfig, device: torch.device | None = None) -> Topology:
