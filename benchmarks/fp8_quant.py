@@ -1,0 +1,85 @@
+"""FP8 quantization bandwidth: every quantizer beside a device-to-device copy of the same input.
+
+    python benchmarks/fp8_quant.py [--smoke] [--json PATH] [--backends triton,reference] [--repeat N]
+
+GB/s = bytes moved / median time (1 GB = 1e9 bytes): the BF16 input read once, every FP8 byte and FP32
+scale written. The copy row moves the input once in and once out (2 x its bytes); ``of copy`` is the
+quantizer's GB/s over the copy's, i.e. how close it runs to the memory bandwidth the same run measured.
+Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 18432 expert input) and a
+weight (7168 x 16384, 128x128 blocks). ``--smoke`` runs tiny shapes on whatever device there is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualflow.fp8 import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
+from dualflow.fp8.quant import num_blocks
+from dualflow.utils.timing import Table, time_fn, write_record
+
+ACTIVATIONS = [(4096, 7168), (16384, 7168), (4096, 18432)]
+WEIGHTS = [(7168, 16384)]
+SMOKE_ACTIVATIONS = [(256, 384)]
+SMOKE_WEIGHTS = [(256, 256)]
+
+
+def _out_bytes(name: str, r: int, c: int) -> int:
+    row = r * c + 4 * r * num_blocks(c)  # fp8 [r, c] + fp32 scales [r, c/128]
+    col = r * c + 4 * c * num_blocks(r)  # fp8 [c, r] + fp32 scales [c, r/128]
+    return {"quantize_1x128": row, "quantize_128x1": col, "quantize_1x128_and_128x1": row + col,
+            "quantize_128x128": r * c + 4 * num_blocks(r) * num_blocks(c)}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few runs (seconds on a CPU)")
+    parser.add_argument("--json", type=Path, help="append the rows as a JSON record to this file")
+    parser.add_argument("--backends", help="quantization backends (default: triton and reference on a GPU, "
+                                           "reference on a CPU)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",")]
+    else:
+        backends = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+    repeat = args.repeat or (2 if args.smoke else 50)
+    warmup = 1 if args.smoke else 5
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table = Table(["shape", "op", "backend", "ms", "GB/s", "of copy"], title=f"FP8 quantization on {name}")
+    activations, weights = (SMOKE_ACTIVATIONS, SMOKE_WEIGHTS) if args.smoke else (ACTIVATIONS, WEIGHTS)
+    cases = [(shape, fn) for shape in activations
+             for fn in (quantize_1x128, quantize_128x1, quantize_1x128_and_128x1)]
+    cases += [(shape, quantize_128x128) for shape in weights]
+    copy_gbs: dict[tuple[int, int], float] = {}
+    for (r, c), fn in cases:
+        x = torch.randn(r, c, device=device, dtype=torch.bfloat16)
+        shape = f"{r}x{c}"
+        if (r, c) not in copy_gbs:
+            y = torch.empty_like(x)
+            t = time_fn(lambda x=x, y=y: y.copy_(x), warmup=warmup, repeat=repeat, device=device).median
+            copy_gbs[(r, c)] = 2 * x.nbytes / t / 1e9
+            table.add(shape=shape, op="copy (bf16)", backend="torch", ms=t * 1e3, **{"GB/s": copy_gbs[(r, c)]},
+                      **{"of copy": 1.0})
+        moved = x.nbytes + _out_bytes(fn.__name__, r, c)
+        for backend in backends:
+            t = time_fn(lambda fn=fn, x=x, backend=backend: fn(x, backend=backend), warmup=warmup, repeat=repeat,
+                        device=device).median
+            gbs = moved / t / 1e9
+            table.add(shape=shape, op=fn.__name__, backend=backend, ms=t * 1e3,
+                      **{"GB/s": gbs, "of copy": gbs / copy_gbs[(r, c)]})
+    table.print()
+    if args.json:
+        write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
