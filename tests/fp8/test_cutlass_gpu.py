@@ -1,0 +1,247 @@
+"""The CUTLASS kernels on a Hopper GPU, against the reference backend and the unquantized GEMM.
+
+Agreement with the reference: the reference sums each 128-wide K block exactly in FP32, the tensor
+core adds the FP8 products of a block with its own limited-precision accumulator (about 14 bits,
+DeepSeek-V3 section 3.3) before the FP32 promotion. Outputs must therefore agree to the output format's
+rounding plus 2^-10 of ``|A| @ |B|^T`` (the sum of the magnitudes that entered each output), and to
+nothing looser: a scale taken from a wrong block, or a lost promotion, is off by whole multiples of the
+magnitudes (the data's magnitudes jump by decades between blocks).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dualflow import _cuda
+from dualflow.fp8 import (
+    Fp8Linear,
+    Fp8Recipe,
+    dequantize,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    quantize_1x128,
+    quantize_128x1,
+    quantize_128x128,
+)
+from dualflow.fp8 import cutlass as cl
+from tests.fp8.helpers import gemm_error, scaled_randn
+
+pytestmark = pytest.mark.gpu
+REF = "reference"
+FWD = [c.name for c in cl.CONFIGS if c.kind == "fwd"]
+GROUPED = [c.name for c in cl.CONFIGS if c.kind == "grouped"]
+
+
+@pytest.fixture(autouse=True)
+def hopper(monkeypatch):
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        pytest.skip(f"the CUTLASS kernels are sm90a; this GPU is sm{major}{minor}")
+    if not cl.is_available():
+        pytest.fail("a Hopper GPU is present but libdualflow_cuda has no CUTLASS GEMMs (`make build` with the "
+                    "nvidia-cutlass package installed)")
+    monkeypatch.delenv(cl.ENV_CONFIG, raising=False)
+
+
+def _data(rows: int, cols: int, seed: int, adversarial: bool) -> torch.Tensor:
+    x = scaled_randn(rows, cols, seed) if adversarial else torch.randn(rows, cols, generator=torch.Generator()
+                                                                       .manual_seed(seed))
+    return x.cuda()
+
+
+def assert_agrees(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor) -> None:
+    """``|got - want| <= 2 ulp(got.dtype) |want| + 2^-10 magnitude`` elementwise (see the module doc)."""
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[got.dtype]
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), "non-finite outputs differ in position"
+    g, w, mag = got.double()[finite], want.double()[finite], magnitude.double()[finite]
+    excess = (g - w).abs() - (2 * ulp * w.abs() + 2.0**-10 * mag)
+    assert not bool((excess > 0).any()), (
+        f"{int((excess > 0).sum())} of {g.numel()} outputs off; worst at {int(excess.argmax())}: "
+        f"{g[excess.argmax()].item()} vs {w[excess.argmax()].item()} (magnitude {mag[excess.argmax()].item()})")
+
+
+def _magnitude(a, sa, a_rows, b, sb, b_rows) -> torch.Tensor:
+    return dequantize(a, sa, a_rows).abs().double() @ dequantize(b, sb, b_rows).abs().double().T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward / input gradient
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [*FWD, None])
+@pytest.mark.parametrize(("m", "n", "k"), [(64, 256, 512), (200, 264, 1024), (1, 128, 128), (1000, 2048, 2048)])
+def test_fwd(config, m, n, k):
+    for adversarial in (False, True):
+        x, w = _data(m, k, 1, adversarial), _data(n, k, 2, adversarial)
+        a, sa = quantize_1x128(x)
+        b, sb = quantize_128x128(w)
+        got = cl.gemm_fwd(a, sa, b, sb, config=config)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
+        if not adversarial:
+            assert gemm_error(got, x.double() @ w.double().T) < 1e-3
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_fwd_wider_outputs_run_on_the_weight_gradient_kernel(out_dtype):
+    x, w = _data(300, 384, 3, True), _data(520, 384, 4, True)
+    a, sa = quantize_1x128(x)
+    b, sb = quantize_128x128(w)
+    got = cl.gemm_fwd(a, sa, b, sb, out_dtype)
+    assert got.dtype == out_dtype
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, out_dtype, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
+    with pytest.raises(ValueError, match="cannot run a wgrad GEMM"):
+        cl.gemm_fwd(a, sa, b, sb, out_dtype, config="fwd_128x128")
+
+
+def test_each_forced_config_runs_its_own_kernel(monkeypatch):
+    a, sa = quantize_1x128(_data(512, 512, 5, False))
+    b, sb = quantize_128x128(_data(512, 512, 6, False))
+    schedule = {"cooperative": "CooperativeFP8Blockwise", "pingpong": "PingpongFP8Blockwise"}
+    for config in FWD:
+        for how in ("argument", "environment"):
+            if how == "environment":
+                monkeypatch.setenv(cl.ENV_CONFIG, config)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                cl.gemm_fwd(a, sa, b, sb, config=config if how == "argument" else None)
+                torch.cuda.synchronize()
+            monkeypatch.delenv(cl.ENV_CONFIG, raising=False)
+            names = [e.name for e in prof.events() if "GemmUniversal" in e.name]
+            wanted = schedule[cl._BY_NAME[config].schedule]
+            assert names and all(wanted in n for n in names), (config, how, [n[:200] for n in names])
+
+
+def test_leading_dimensions_are_read_in_place():
+    x, w = _data(256, 1024, 7, True), _data(384, 1024, 8, True)
+    a, sa = quantize_1x128(x)
+    b, sb = quantize_128x128(w)
+    wide_a = torch.zeros(256, 1024 + 256, dtype=a.dtype, device="cuda")
+    wide_a[:, 128:1152] = a
+    got = cl.gemm_fwd(wide_a[:, 128:1152], sa, b, sb)
+    assert torch.equal(got, cl.gemm_fwd(a, sa, b, sb))
+
+
+def test_non_finite_tiles_stay_non_finite():
+    x = _data(256, 512, 9, False)
+    x[3, 200], x[130, 10] = float("nan"), float("inf")
+    a, sa = quantize_1x128(x)
+    b, sb = quantize_128x128(_data(256, 512, 10, False))
+    got = cl.gemm_fwd(a, sa, b, sb)
+    assert not torch.isfinite(got[[3, 130]]).any() and torch.isfinite(got[:3]).all()
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128).nan_to_num())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight gradient
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("tokens", "d_in", "d_out"), [(512, 256, 384), (384, 132, 200), (4096, 1024, 512)])
+def test_wgrad_with_the_engines_128x1_operands(tokens, d_in, d_out):
+    x, dy = _data(tokens, d_in, 11, False), _data(tokens, d_out, 12, False)
+    a, sa = quantize_128x1(dy)  # dy.T [d_out, tokens], 1x128 along the tokens
+    b, sb = quantize_128x1(x)   # x.T  [d_in, tokens]
+    got = cl.gemm_wgrad(a, sa, b, sb)
+    assert got.dtype == torch.float32 and got.shape == (d_out, d_in)
+    magnitude = _magnitude(a, sa, 1, b, sb, 1)
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), magnitude)
+    assert gemm_error(got, dy.double().T @ x.double()) < 1e-3
+    # accumulation adds in FP32; without it a NaN-filled buffer is fully overwritten (C is not read)
+    start = torch.randn(d_out, d_in, device="cuda") * got.abs().mean()
+    acc = start.clone()
+    assert cl.gemm_wgrad(a, sa, b, sb, out=acc, accumulate=True) is acc
+    assert_agrees(acc, start + fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), magnitude + start.abs())
+    poisoned = torch.full((d_out, d_in), float("nan"), device="cuda")
+    assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)
+
+
+def test_wgrad_adversarial_magnitudes():
+    a, sa = quantize_1x128(_data(256, 640, 13, True))
+    b, sb = quantize_1x128(_data(136, 640, 14, True))
+    assert_agrees(cl.gemm_wgrad(a, sa, b, sb), fp8_gemm(a, sa, b, sb, torch.float32, backend=REF),
+                  _magnitude(a, sa, 1, b, sb, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouped (MoE experts, contiguous rows)
+# ----------------------------------------------------------------------------------------------------------
+def _experts(groups: int, n: int, k: int, seed: int, adversarial: bool):
+    w = torch.stack([_data(n, k, seed + g, adversarial) for g in range(groups)])
+    parts = [quantize_128x128(w[g]) for g in range(groups)]
+    return w, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("config", [*GROUPED, None])
+@pytest.mark.parametrize("sizes", [[128, 256, 0, 128], [100, 0, 37, 200], [0, 0, 5], [1] * 9, [0, 300, 0], [700]])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_grouped(config, sizes, index_dtype):
+    k, n = 512, 264
+    for adversarial in (False, True):
+        x = _data(sum(sizes), k, 20, adversarial)
+        w, b, sb = _experts(len(sizes), n, k, 30, adversarial)
+        a, sa = quantize_1x128(x)
+        offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=index_dtype, device="cuda")
+        got = cl.grouped_gemm_contiguous(a, sa, b, sb, offsets, config=config)
+        want = fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=REF)
+        for g, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
+            if hi == lo:
+                continue
+            assert_agrees(got[lo:hi], want[lo:hi], _magnitude(a[lo:hi], sa[lo:hi], 1, b[g], sb[g], 128))
+            if not adversarial:
+                assert gemm_error(got[lo:hi], x[lo:hi].double() @ w[g].double().T) < 1e-3
+
+
+def test_grouped_with_malformed_offsets_stays_in_bounds():
+    a, sa = quantize_1x128(_data(256, 256, 40, False))
+    _, b, sb = _experts(3, 128, 256, 41, False)
+    for offsets in ([0, 500, 100, 10**6], [-7, 3, 2, 256], [0, 0, 0, 0]):
+        cl.grouped_gemm_contiguous(a, sa, b, sb, torch.tensor(offsets, device="cuda"))
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the C ABI on the device, the engine's backend, several GPUs
+# ----------------------------------------------------------------------------------------------------------
+def test_too_small_a_workspace_is_an_error():
+    a, sa = quantize_1x128(_data(256, 256, 42, False))
+    _, b, sb = _experts(2, 128, 256, 43, False)
+    offsets = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
+    out = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
+    sfa = cl.grouped_scales_mn_major(sa, offsets)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    needed = cl.workspace_size("grouped_128x128", 256, 128, 256, groups=2, num_sms=num_sms)
+    assert needed > 0
+    with pytest.raises(_cuda.CudaLibraryError, match=f"the workspace has 64 bytes, this problem needs {needed}"):
+        _cuda.call("dualflow_cutlass_grouped_gemm", b"grouped_128x128", 256, 128, 256, 2, a.data_ptr(),
+                   sfa.data_ptr(), b.data_ptr(), sb.data_ptr(), offsets.data_ptr(), 4, out.data_ptr(), num_sms,
+                   torch.empty(64, dtype=torch.uint8, device="cuda").data_ptr(), 64,
+                   torch.cuda.current_stream().cuda_stream)
+
+
+def test_fp8_linear_on_the_cutlass_backend_matches_the_reference_backend():
+    torch.manual_seed(0)
+    layers = {name: Fp8Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16,
+                              recipe=Fp8Recipe(backend=name)) for name in ("cutlass", REF)}
+    layers[REF].load_state_dict(layers["cutlass"].state_dict())
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for name, layer in layers.items():
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results[name] = (y, xi.grad, layer.weight.grad)
+    for got, want in zip(results["cutlass"], results[REF], strict=True):
+        assert gemm_error(got, want) < 1e-5
+
+
+@pytest.mark.multigpu
+def test_operands_on_another_device_than_the_current_one():
+    with torch.cuda.device(1):
+        a, sa = quantize_1x128(_data(128, 256, 44, False).to("cuda:1"))
+        b, sb = quantize_128x128(_data(256, 256, 45, False).to("cuda:1"))
+    with torch.cuda.device(0):
+        got = cl.gemm_fwd(a, sa, b, sb)
+    assert got.device == torch.device("cuda:1")
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
