@@ -8,13 +8,17 @@ out), the grouped contiguous layout (4 experts x 8192 rows) and an Fp8Linear for
 nn.Linear in BF16. TFLOPS = 2*M*N*K / median time (x3 for forward+backward; 1 TFLOPS = 1e12 FLOP/s).
 ``error`` is ``1 - 2 sum(xy) / sum(x^2 + y^2)`` (float64) against the float64 product of the unquantized
 inputs (DeepSeek's metric; FP8 passes below 1e-3). Operands are quantized outside the timed region;
-each timed run starts with a cold L2. ``--smoke`` runs tiny shapes on whatever device there is.
+each timed run starts with a cold L2. On a GPU each GEMM is captured in a CUDA graph and the graph is
+timed, so that Python and launch overhead (which would dominate the M = 64 rows) stay out of every
+implementation's number alike (``--eager`` times the plain calls). ``--smoke`` runs tiny shapes on
+whatever device there is.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,14 +52,33 @@ SMOKE_LINEAR = (256, 256, 256)
 COLUMNS = ["shape", "layout", "impl", "ms", "TFLOPS", "error", "note"]
 
 
+def graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:
+    """``fn`` replayed from a CUDA graph (warmed up on a side stream first), or ``fn`` itself off the GPU
+    or when capture fails; with the mode's name."""
+    if device.type != "cuda":
+        return fn, "eager"
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return fn, "eager (capture failed)"
+    return graph.replay, "graph"
+
+
 def _error(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 class Bench:
-    def __init__(self, device: torch.device, warmup: int, repeat: int) -> None:
-        self.device, self.warmup, self.repeat = device, warmup, repeat
+    def __init__(self, device: torch.device, warmup: int, repeat: int, graphs: bool) -> None:
+        self.device, self.warmup, self.repeat, self.graphs = device, warmup, repeat, graphs
         self.table = Table(COLUMNS, title=f"FP8 GEMM on {self._device_name()}")
         self.unavailable: dict[str, str] = {}  # impl -> why it could not run
 
@@ -63,17 +86,18 @@ class Bench:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def row(self, shape: str, layout: str, impl: str, flops: float, fn, exact: torch.Tensor | None,
-            note: str = "") -> None:
+            note: str = "", graph: bool = True) -> None:
         try:
             out = fn()
-            t = time_fn(fn, warmup=self.warmup, repeat=self.repeat, device=self.device).median
+            timed, mode = graphed(fn, self.device) if graph and self.graphs else (fn, "eager")
+            t = time_fn(timed, warmup=self.warmup, repeat=self.repeat, device=self.device).median
         except BackendUnavailable as exc:
             self.table.add(shape=shape, layout=layout, impl=impl, note="unavailable (below)")
             self.unavailable.setdefault(impl, str(exc))
             return
         error = _error(out, exact) if exact is not None else float("nan")
         self.table.add(shape=shape, layout=layout, impl=impl, ms=t * 1e3, TFLOPS=flops / t / 1e12, error=error,
-                       note=note)
+                       note="; ".join(filter(None, [mode if self.device.type == "cuda" else "", note])))
 
 
 def _gemm_rows(bench: Bench, m: int, n: int, k: int, backends: list[str], rowwise: bool) -> None:
@@ -139,9 +163,9 @@ def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backend: str)
         return fn
 
     shape, flops = f"{tokens}x{d_out}x{d_in}", 3 * 2.0 * tokens * d_in * d_out
-    bench.row(shape, "linear fwd+bwd", "nn.Linear bf16", flops, step(ref), exact)
+    bench.row(shape, "linear fwd+bwd", "nn.Linear bf16", flops, step(ref), exact, graph=False)
     bench.row(shape, "linear fwd+bwd", f"Fp8Linear ({backend})", flops, step(fp8), exact,
-              "quantization included; weight cached")
+              "quantization included; weight cached", graph=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", help="dualflow backends to time (default: every available one but the "
                                            "reference on a GPU; the reference on a CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
+    parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backends = ["reference"]
     repeat = args.repeat or (2 if args.smoke else 50)
-    bench = Bench(device, warmup=1 if args.smoke else 5, repeat=repeat)
+    bench = Bench(device, warmup=1 if args.smoke else 5, repeat=repeat, graphs=not args.eager)
     forward, wgrad = (SMOKE_FORWARD, SMOKE_WGRAD) if args.smoke else (FORWARD, WGRAD)
     with torch.no_grad():
         for m, n, k in forward:
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print_rank0(f"{impl}: {why}")
     if args.json:
         write_record(args.json, "fp8_gemm", bench.table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
-                     unavailable=bench.unavailable)
+                     graphs=not args.eager, unavailable=bench.unavailable)
     return 0
 
 

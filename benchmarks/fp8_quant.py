@@ -6,7 +6,8 @@ GB/s = bytes moved / median time (1 GB = 1e9 bytes): the BF16 input read once, e
 scale written. The copy row moves the input once in and once out (2 x its bytes); ``of copy`` is the
 quantizer's GB/s over the copy's, i.e. how close it runs to the memory bandwidth the same run measured.
 Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 18432 expert input) and a
-weight (7168 x 16384, 128x128 blocks). ``--smoke`` runs tiny shapes on whatever device there is.
+weight (7168 x 16384, 128x128 blocks). On a GPU every row times CUDA graph replays (as fp8_gemm.py
+does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes on whatever device there is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fp8_gemm import graphed
 
 from dualflow.fp8 import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
 from dualflow.fp8.quant import num_blocks
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", help="quantization backends (default: triton and reference on a GPU, "
                                            "reference on a CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
+    parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,25 +64,30 @@ def main(argv: list[str] | None = None) -> int:
              for fn in (quantize_1x128, quantize_128x1, quantize_1x128_and_128x1)]
     cases += [(shape, quantize_128x128) for shape in weights]
     copy_gbs: dict[tuple[int, int], float] = {}
+
+    def timed(fn) -> float:
+        fn = fn if args.eager else graphed(fn, device)[0]
+        return time_fn(fn, warmup=warmup, repeat=repeat, device=device).median
+
     for (r, c), fn in cases:
         x = torch.randn(r, c, device=device, dtype=torch.bfloat16)
         shape = f"{r}x{c}"
         if (r, c) not in copy_gbs:
             y = torch.empty_like(x)
-            t = time_fn(lambda x=x, y=y: y.copy_(x), warmup=warmup, repeat=repeat, device=device).median
+            t = timed(lambda x=x, y=y: y.copy_(x))
             copy_gbs[(r, c)] = 2 * x.nbytes / t / 1e9
             table.add(shape=shape, op="copy (bf16)", backend="torch", ms=t * 1e3, **{"GB/s": copy_gbs[(r, c)]},
                       **{"of copy": 1.0})
         moved = x.nbytes + _out_bytes(fn.__name__, r, c)
         for backend in backends:
-            t = time_fn(lambda fn=fn, x=x, backend=backend: fn(x, backend=backend), warmup=warmup, repeat=repeat,
-                        device=device).median
+            t = timed(lambda fn=fn, x=x, backend=backend: fn(x, backend=backend))
             gbs = moved / t / 1e9
             table.add(shape=shape, op=fn.__name__, backend=backend, ms=t * 1e3,
                       **{"GB/s": gbs, "of copy": gbs / copy_gbs[(r, c)]})
     table.print()
     if args.json:
-        write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat)
+        write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
+                     graphs=not args.eager and device.type == "cuda")
     return 0
 
 

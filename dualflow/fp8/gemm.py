@@ -14,10 +14,10 @@ The layout of ``b`` is read from its scales' shape. The two shapes coincide only
 scales ``[G, ceil(N/128), ceil(K/128)]``, for two layouts of ``a``:
 
 - contiguous: ``a[T, K]`` holds the rows of all groups back to back, group g owning rows
-  ``group_offsets[g]:group_offsets[g+1]`` (int32/int64, G+1 entries, on the device). Row counts that are
-  multiples of :data:`EXPERT_ALIGNMENT` (128) are what the CUTLASS backend requires and what lets the
-  Triton kernel waste no rows; the reference and Triton backends accept any counts. Output rows outside
-  every group are unspecified.
+  ``group_offsets[g]:group_offsets[g+1]`` (int32/int64, G+1 entries, non-decreasing from 0, on the
+  device; not read back to the host). Every backend takes any row counts, zero included; counts that are
+  multiples of :data:`EXPERT_ALIGNMENT` (128, the row tile of the kernels) waste no row of a tile, so
+  the MoE dispatch should pad each expert's rows to it. Output rows outside every group are unspecified.
 - masked: ``a[G, M_max, K]`` with ``masked_m[g]`` valid rows per group; the other output rows are
   unspecified.
 
@@ -222,10 +222,12 @@ def _parse(spec: str, device: torch.device) -> list[str]:
     return names
 
 
-def _candidates(backend: str, device: torch.device, op: str) -> list[tuple[str, str | None]]:
+def _candidates(backend: str, device: torch.device, op: str):
+    """(name, None or why it cannot run) for the names ``backend`` lists, checked one at a time."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    return [(name, _why_not(name, device, op)) for name in _parse(backend, device)]
+    for name in _parse(backend, device):
+        yield name, _why_not(name, device, op)
 
 
 def _unavailable(backend: str, device: torch.device, op: str, reasons: list[str]) -> BackendUnavailable:
@@ -237,16 +239,17 @@ def _unavailable(backend: str, device: torch.device, op: str, reasons: list[str]
 def resolve_backend(backend: str, device: torch.device | str, op: str = "dense") -> str:
     """The backend that ``backend`` (a name, a comma list or ``"auto"``) selects for ``op`` on ``device``."""
     device = torch.device(device)
-    candidates = _candidates(backend, device, op)
-    for name, why in candidates:
+    reasons = []
+    for name, why in _candidates(backend, device, op):
         if why is None:
             return name
-    raise _unavailable(backend, device, op, [f"{n}: {w}" for n, w in candidates])
+        reasons.append(f"{name}: {why}")
+    raise _unavailable(backend, device, op, reasons)
 
 
 def _run(backend: str, device: torch.device, op: str, *args) -> torch.Tensor:
     # a backend may also find out only when called that it cannot run this case (torch's scaled_mm
-    # rejecting a shape): the next one in the list then takes it
+    # rejecting a shape, CUTLASS an alignment): the next one in the list then takes it
     reasons = []
     for name, why in _candidates(backend, device, op):
         if why is None:
