@@ -13,6 +13,11 @@ layer is written as *phases* (attention, dispatch, MLP, combine) over a small st
 forward chains them, the pipeline's overlapped forward/backward interleaves two micro-batches' phases.
 The token exchange of a MoE layer goes through an injected :class:`~dualflow.train.exchange.Exchange`
 (no communication in one process, ``dualflow.comm`` across ranks); the arithmetic is the same.
+
+No tensor of the forward is read by more than two autograd nodes (hence the fused ``wqkv`` and ``w13``,
+the single-node RMSNorm, the experts' one gather): its gradient is then a sum of at most two terms,
+which floating-point addition gives the same whatever the order, so a backward run phase by phase
+(the overlapped pipeline step) is bitwise equal to one autograd pass over the whole stage.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,16 @@ from torch import nn
 from dualflow.train.exchange import Exchange, LocalExchange
 
 State = dict[str, Any]
+
+
+class Phase(NamedTuple):
+    """One piece of a stage's forward: ``kind`` "compute" or "comm" (what may overlap the other micro-batch's
+    work), a name for profiles, ``fn(state) -> state``, and the modules whose parameters it uses."""
+
+    kind: str
+    name: str
+    fn: Callable[[State], State]
+    modules: tuple[nn.Module, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +97,27 @@ class ModelConfig:
         return embed + d + self.n_dense_layers * dense + n_moe * moe
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """``x / rms(x) * weight`` with a hand-written backward, so that ``x`` is read by one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = _at_least_fp32(x)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xhat = _at_least_fp32(x) * r
+        g = _at_least_fp32(grad)
+        gw = g * weight
+        dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dweight = (g * xhat).flatten(0, -2).sum(0)
+        return dx.to(x.dtype), dweight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in FP32 (normalisation stays in high precision)."""
 
@@ -91,9 +127,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = _at_least_fp32(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight).to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -113,26 +147,27 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(4))
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (w(x).view(b, s, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.wqkv(x).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(rotary(q, self.theta), rotary(k, self.theta), v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x), with w1 and w3 as one [2 * hidden, dim] matrix ``w13``."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -177,15 +212,23 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): MLP(cfg.dim, cfg.expert_hidden) for e in expert_ids})
 
     def routed(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over each received row's local experts (ids in ``local_idx``, -1 = elsewhere)."""
+        """Weighted sum over each received row's local experts (ids in ``local_idx``, -1 = elsewhere).
+
+        The (row, slot) pairs are sorted by expert so that each expert runs once on a contiguous block;
+        the weighted outputs go to their (row, slot) place and are summed over the slots.
+        """
+        rows, slot = (local_idx >= 0).nonzero(as_tuple=True)
+        expert = local_idx[rows, slot]
+        order = torch.argsort(expert, stable=True)
+        rows, slot = rows[order], slot[order]
+        counts = torch.bincount(expert, minlength=len(self.experts)).tolist()
+        blocks = x.index_select(0, rows).split(counts)
+        outs = torch.cat([e(b) for e, b, n in zip(self.experts.values(), blocks, counts) if n] or [x[:0]])
         acc = torch.promote_types(x.dtype, torch.float32)
-        y = torch.zeros(x.shape, dtype=acc, device=x.device)
-        for local, expert in enumerate(self.experts.values()):
-            rows, slot = (local_idx == local).nonzero(as_tuple=True)
-            if rows.numel():
-                out = expert(x[rows]).to(acc) * weights[rows, slot].unsqueeze(-1).to(acc)
-                y = y.index_add(0, rows, out)
-        return y.to(x.dtype)
+        weighted = outs.to(acc) * weights[rows, slot].unsqueeze(-1).to(acc)
+        pairs = torch.zeros(*local_idx.shape, x.shape[-1], dtype=acc, device=x.device).index_put((rows, slot),
+                                                                                                  weighted)
+        return pairs.sum(1).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -212,18 +255,17 @@ class Layer(nn.Module):
             return {"h": h, "xn": xn}
         flat = xn.flatten(0, 1)
         idx, weights = self.moe.gate(flat)
-        return {"h": h, "xn": xn, "idx": idx, "weights": weights}
+        return {"h": h, "xn": xn, "flat": flat, "idx": idx, "weights": weights}
 
     def phase_dispatch(self, s: State) -> State:
-        recv = self.exchange.dispatch(s["xn"].flatten(0, 1), s["idx"], s["weights"])
-        return {"h": s["h"], "xn": s["xn"], "recv": recv}
+        recv = self.exchange.dispatch(s["flat"], s["idx"], s["weights"])
+        return {"h": s["h"], "xn": s["xn"], "recv_x": recv.x, "recv_idx": recv.local_idx, "recv_w": recv.weights,
+                "handle": recv.handle}
 
     def phase_mlp(self, s: State) -> State:
         if self.moe is None:
             return {"x": s["h"] + self.mlp(s["xn"])}
-        recv = s["recv"]
-        y = self.moe.routed(recv.x, recv.local_idx, recv.weights)
-        out = {"h": s["h"], "y": y, "handle": recv.handle}
+        out = {"h": s["h"], "y": self.moe.routed(s["recv_x"], s["recv_idx"], s["recv_w"]), "handle": s["handle"]}
         if self.moe.shared is not None:
             out["shared"] = self.moe.shared(s["xn"])
         return out
@@ -233,12 +275,17 @@ class Layer(nn.Module):
         x = s["h"] + routed if "shared" not in s else s["h"] + s["shared"] + routed
         return {"x": x}
 
-    def phases(self) -> list[tuple[str, Callable[[State], State]]]:
-        """(kind, function) pairs; kind is "compute" or "comm" (what may overlap the other micro-batch)."""
+    def phases(self) -> list[Phase]:
         if self.moe is None:
-            return [("compute", self.phase_attn), ("compute", self.phase_mlp)]
-        return [("compute", self.phase_attn), ("comm", self.phase_dispatch), ("compute", self.phase_mlp),
-                ("comm", self.phase_combine)]
+            return [Phase("compute", f"L{self.layer_id}.attn", self.phase_attn, (self.attn_norm, self.attn,
+                                                                                  self.mlp_norm)),
+                    Phase("compute", f"L{self.layer_id}.mlp", self.phase_mlp, (self.mlp,))]
+        return [Phase("compute", f"L{self.layer_id}.attn", self.phase_attn,
+                      (self.attn_norm, self.attn, self.mlp_norm, self.moe.gate)),
+                Phase("comm", f"L{self.layer_id}.dispatch", self.phase_dispatch, ()),
+                Phase("compute", f"L{self.layer_id}.mlp", self.phase_mlp,
+                      (self.moe.experts,) + ((self.moe.shared,) if self.moe.shared is not None else ())),
+                Phase("comm", f"L{self.layer_id}.combine", self.phase_combine, ())]
 
 
 class Stage(nn.Module):
@@ -283,11 +330,14 @@ class Stage(nn.Module):
         weight = self.head.weight if self.head is not None else self._tied[0].weight
         return {"x": _at_least_fp32(F.linear(x, weight))}
 
-    def phases(self) -> list[tuple[str, Callable[[State], State]]]:
-        out = [("compute", self.phase_embed)] if self.first else []
+    def phases(self) -> list[Phase]:
+        """The stage's forward as a sequence of phases (what the overlapped pipeline step interleaves)."""
+        out = [Phase("compute", "embed", self.phase_embed, (self.embed,))] if self.first else []
         for layer in self.layers.values():
             out += layer.phases()
-        return out + ([("compute", self.phase_head)] if self.last else [])
+        if self.last:
+            out.append(Phase("compute", "head", self.phase_head, (self.norm, self.head if self.head is not None else self._tied[0])))
+        return out
 
     def autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=self.compute_dtype,
@@ -296,8 +346,8 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = {"x": x}
         with self.autocast(x.device):
-            for _, fn in self.phases():
-                state = fn(state)
+            for phase in self.phases():
+                state = phase.fn(state)
         return state["x"]
 
     @torch.no_grad()

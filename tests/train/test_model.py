@@ -128,7 +128,7 @@ def test_expert_shard_holds_its_global_experts():
     shard.init_weights(0)
     whole = _model()
     assert list(shard.layers["1"].moe.experts) == ["3", "4", "5"]
-    assert torch.equal(shard.layers["1"].moe.experts["4"].w1.weight, whole.layers["1"].moe.experts["4"].w1.weight)
+    assert torch.equal(shard.layers["1"].moe.experts["4"].w13.weight, whole.layers["1"].moe.experts["4"].w13.weight)
 
 
 def test_attention_is_causal():
@@ -145,7 +145,7 @@ def test_whole_model_gradient_matches_finite_difference():
     m = _model(cfg, compute_dtype=torch.float64).double()
     x = _tokens(2, 6)
     labels = _tokens(2, 6, seed=2)
-    p = m.layers["1"].moe.experts["0"].w1.weight
+    p = m.layers["1"].moe.experts["0"].w13.weight
     loss = cross_entropy(m(x), labels)
     loss.backward()
     # Routing is piecewise constant, so a small step along the gradient changes the loss linearly.

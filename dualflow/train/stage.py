@@ -1,0 +1,249 @@
+"""The pipeline's stage module: a model :class:`~dualflow.train.model.Stage` whose forward is recorded phase
+by phase, so that a forward of one micro-batch and the backward of another can be interleaved.
+
+``overlapped_forward_backward`` (the pipeline runtime calls it for every F&B pair when both modules are
+of this class) follows DeepSeek-V3's Figure 4: each layer's forward is attention -> dispatch -> MLP ->
+combine and its backward the reverse, and a communication phase of one micro-batch is always paired
+with a computation phase of the other::
+
+    B combine  || F attention
+    F dispatch || B MLP
+    B dispatch || F MLP
+    F combine  || B attention
+
+On CUDA the communication phase runs on a side stream while the computation is issued on the current
+one; on the CPU the pair runs one after the other, communication first, in the same order on every
+rank of the expert-parallel group.
+
+The backward of a recorded forward runs phase by phase (``torch.autograd.grad`` over each phase's
+piece of the graph, parameter gradients accumulated as autograd accumulates them). Because no tensor of
+the model has more than two gradient contributions (see model.py), this is bitwise equal to the plain
+autograd backward the runtime runs for a non-overlapped B.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dualflow.train.model import Phase, Stage, State
+from dualflow.utils import nvtx
+
+
+def _differentiable(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.requires_grad
+
+
+class _Record:
+    """One micro-batch's forward: per phase, its (boundary -> source) inputs and its output state."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Phase, list[tuple[torch.Tensor, torch.Tensor]], State]] = []
+
+
+class _Backward:
+    """Runs a recorded forward's backward one phase at a time, last phase first.
+
+    Each phase read its differentiable inputs through fresh views (the boundaries), so
+    ``torch.autograd.grad(phase outputs, boundaries + phase parameters)`` covers exactly that phase's piece
+    of the graph. Parameter gradients are summed over the phases and accumulated once at the end, as
+    autograd's AccumulateGrad does for one backward.
+    """
+
+    def __init__(self, record: _Record, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 inputs: Sequence[torch.Tensor]) -> None:
+        self.steps = list(record.steps)
+        # id -> (tensor, gradient); the tensor is held so that its id cannot be reused meanwhile
+        self.grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.param_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t, g in zip(outputs, grads):
+            self._add(self.grads, t, g)
+        self.inputs = [t for t in inputs if _differentiable(t)]
+
+    @staticmethod
+    def _add(store: dict, t: torch.Tensor, g: torch.Tensor | None) -> None:
+        if g is None:
+            return
+        if id(t) in store:
+            g = store[id(t)][1] + g
+        store[id(t)] = (t, g)
+
+    def peek(self) -> str | None:
+        return self.steps[-1][0].kind if self.steps else None
+
+    def run_next(self) -> None:
+        phase, bounds, out = self.steps.pop()
+        ins = [b for b, _ in bounds]
+        outs, gouts, through = [], [], {}
+        for t in out.values():
+            if not _differentiable(t) or id(t) not in self.grads:
+                continue  # not differentiable, or read by nothing downstream
+            g = self.grads.pop(id(t))[1]
+            if any(t is b for b in ins):
+                through[id(t)] = g  # passed through unchanged: its gradient goes straight to the input
+            else:
+                outs.append(t)
+                gouts.append(g)
+        params = [p for m in phase.modules for p in m.parameters() if p.requires_grad]
+        got: Sequence[torch.Tensor | None] = [None] * (len(ins) + len(params))
+        if outs:
+            with nvtx.range(f"B.{phase.name}"):
+                got = torch.autograd.grad(outs, ins + params, gouts, allow_unused=True)
+        for (b, src), g in zip(bounds, got[:len(ins)]):
+            if id(b) in through:
+                g = through[id(b)] if g is None else g + through[id(b)]
+            self._add(self.grads, src, g)
+        for p, g in zip(params, got[len(ins):]):
+            self._add(self.param_grads, p, g)
+
+    def finish(self) -> None:
+        """Accumulate parameter gradients, and the stage inputs' gradients into their ``.grad`` (leaves)."""
+        leaves = [p for p, _ in self.param_grads.values()] + self.inputs
+        grads = [g for _, g in self.param_grads.values()] + [self.grads.pop(id(t), (None, None))[1]
+                                                             for t in self.inputs]
+        with torch.no_grad():
+            for p, g in zip(leaves, grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad += g
+
+
+class _Forward:
+    """Runs a stage's forward one phase at a time, recording it when gradients are on."""
+
+    def __init__(self, stage: Stage, x: torch.Tensor, record: _Record | None) -> None:
+        self.stage, self.record = stage, record
+        self.phases = deque(stage.phases())
+        self.state: State = {"x": x}
+        self.device = x.device
+
+    def peek(self) -> str | None:
+        return self.phases[0].kind if self.phases else None
+
+    def run_next(self) -> None:
+        phase = self.phases.popleft()
+        bounds = []
+        inp = dict(self.state)
+        if self.record is not None:  # each differentiable input enters the phase through its own view
+            for k, v in self.state.items():
+                if _differentiable(v):
+                    inp[k] = v.view_as(v)
+                    bounds.append((inp[k], v))
+        with nvtx.range(f"F.{phase.name}"), self.stage.autocast(self.device):
+            self.state = phase.fn(inp)
+        if self.record is not None:
+            self.record.steps.append((phase, bounds, self.state))
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.state["x"]
+
+
+class PipelineStage(nn.Module):
+    """What the pipeline runtime holds for one stage: ``stage`` plus the recording of its forwards."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__()
+        self.stage = stage
+        self._records: dict[int, tuple[weakref.ref, _Record]] = {}
+        self.comm_stream: Any = None  # set on CUDA by the engine: where communication phases run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fwd = self.start_forward(x)
+        while fwd.peek() is not None:
+            fwd.run_next()
+        return self.finish_forward(fwd)
+
+    def start_forward(self, x: torch.Tensor) -> _Forward:
+        return _Forward(self.stage, x, _Record() if torch.is_grad_enabled() else None)
+
+    def finish_forward(self, fwd: _Forward) -> torch.Tensor:
+        out = fwd.output
+        if fwd.record is not None and out.requires_grad:
+            key = id(out)
+            # The record lives as long as the output: a backward the runtime runs itself never asks for it.
+            self._records[key] = (weakref.ref(out, lambda _, k=key, d=self._records: d.pop(k, None)), fwd.record)
+        return out
+
+    def start_backward(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       inputs: Sequence[torch.Tensor]) -> _Backward | None:
+        """The phase-by-phase backward of the forward that produced ``outputs`` (None if not recorded)."""
+        if len(outputs) != 1:
+            return None
+        entry = self._records.pop(id(outputs[0]), None)
+        if entry is None or entry[0]() is not outputs[0]:
+            return None
+        return _Backward(entry[1], outputs, grads, inputs)
+
+    @classmethod
+    def overlapped_forward_backward(
+        cls,
+        module0: PipelineStage,
+        inputs0: Sequence[torch.Tensor],
+        criterion0: Callable[..., torch.Tensor] | None,
+        labels0: Sequence[torch.Tensor],
+        module1: PipelineStage,
+        loss1: torch.Tensor | None,
+        outputs1: Sequence[torch.Tensor] | torch.Tensor | None,
+        output_grads1: Sequence[torch.Tensor] | None,
+        inputs1: Sequence[torch.Tensor] = (),
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Forward of micro-batch 0 on ``module0`` interleaved with the backward of micro-batch 1 on ``module1``.
+
+        ``loss1`` is set when ``module1`` is a last stage (its backward starts from the loss), else
+        ``output_grads1`` holds the gradients of ``outputs1``. Parameter gradients accumulate in place and
+        the gradients of ``inputs1`` land in their ``.grad``. Returns (outputs0, loss0).
+        """
+        outputs1 = [outputs1] if isinstance(outputs1, torch.Tensor) else list(outputs1 or ())
+        if loss1 is not None:
+            output_grads1 = torch.autograd.grad(loss1, outputs1)
+        fwd = module0.start_forward(*inputs0)
+        bwd = module1.start_backward(outputs1, list(output_grads1), inputs1)
+        if bwd is None:  # not recorded phase by phase: forward, then autograd's own backward
+            while fwd.peek() is not None:
+                fwd.run_next()
+            torch.autograd.backward(outputs1, output_grads1)
+        else:
+            _interleave(fwd, bwd, module0.comm_stream)
+            bwd.finish()
+        outputs0 = [module0.finish_forward(fwd)]
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        return outputs0, loss0
+
+
+def _interleave(fwd: _Forward, bwd: _Backward, comm_stream: Any) -> None:
+    """Pair each communication phase of one side with the next computation phase of the other."""
+    while fwd.peek() is not None or bwd.peek() is not None:
+        f, b = fwd.peek(), bwd.peek()
+        if b == "comm" and f != "comm":
+            _overlap(bwd.run_next, fwd.run_next if f else None, comm_stream)
+        elif f == "comm" and b != "comm":
+            _overlap(fwd.run_next, bwd.run_next if b else None, comm_stream)
+        elif f is not None:  # both compute or both communicate: the forward goes first
+            fwd.run_next()
+        else:
+            bwd.run_next()
+
+
+def _overlap(comm: Callable[[], None], compute: Callable[[], None] | None, stream: Any) -> None:
+    """Run ``comm`` (on ``stream`` when given, a CUDA side stream) and ``compute`` on the current stream."""
+    if stream is None:
+        comm()
+        if compute is not None:
+            compute()
+        return
+    current = torch.cuda.current_stream()
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        comm()
+    if compute is not None:
+        compute()
+    current.wait_stream(stream)
