@@ -336,7 +336,8 @@ class Stage(nn.Module):
         for layer in self.layers.values():
             out += layer.phases()
         if self.last:
-            out.append(Phase("compute", "head", self.phase_head, (self.norm, self.head if self.head is not None else self._tied[0])))
+            head = self.head if self.head is not None else self._tied[0]
+            out.append(Phase("compute", "head", self.phase_head, (self.norm, head)))
         return out
 
     def autocast(self, device: torch.device) -> Any:
