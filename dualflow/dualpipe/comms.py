@@ -1,0 +1,97 @@
+"""Point-to-point messages derived from a schedule's compute order.
+
+A forward whose next stage lives on another rank is followed by ``SEND_F`` on its rank and preceded,
+on the consumer's rank, by ``RECV_F``; a backward (B or I) whose previous stage lives elsewhere is
+followed by ``SEND_B`` and its consumer's B/I preceded by ``RECV_B``. SEND names the sending stage,
+RECV the receiving stage, as in torch.distributed.pipelining. Messages between two ranks form one
+ordered channel per direction; a receiver must take them in the order the sender sends them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from dualflow.dualpipe.schedule import COMM_KINDS, Action, Schedule, Step, parts
+
+
+class Message(NamedTuple):
+    """One transfer: ``kind`` "F" (activations of ``stage``'s output) or "B" (gradient of ``stage``'s input)."""
+
+    kind: str
+    stage: int        # the producing stage
+    microbatch: int
+    src: int
+    dst: int
+
+
+def has_communication(schedule: Schedule) -> bool:
+    return any(type(s) is Action and s.kind in COMM_KINDS for steps in schedule.actions for s in steps)
+
+
+def receives_for(schedule: Schedule, step: Step) -> list[Action]:
+    """RECV actions a step needs on its rank before it runs."""
+    topo, place = schedule.topology, schedule.placement
+    out = []
+    for a in parts(step):
+        if a.kind == "F":
+            p = topo.prev[a.stage]
+            if p >= 0 and place[p] != place[a.stage]:
+                out.append(Action("RECV_F", a.stage, a.microbatch))
+        elif a.kind in ("B", "I"):
+            n = topo.next[a.stage]
+            if n >= 0 and place[n] != place[a.stage]:
+                out.append(Action("RECV_B", a.stage, a.microbatch))
+    return out
+
+
+def sends_after(schedule: Schedule, step: Step) -> list[Action]:
+    """SEND actions that follow a step on its rank."""
+    topo, place = schedule.topology, schedule.placement
+    out = []
+    for a in parts(step):
+        if a.kind == "F":
+            n = topo.next[a.stage]
+            if n >= 0 and place[n] != place[a.stage]:
+                out.append(Action("SEND_F", a.stage, a.microbatch))
+        elif a.kind in ("B", "I"):
+            p = topo.prev[a.stage]
+            if p >= 0 and place[p] != place[a.stage]:
+                out.append(Action("SEND_B", a.stage, a.microbatch))
+    return out
+
+
+def add_communication(schedule: Schedule) -> Schedule:
+    """The schedule with receives placed just before and sends just after the compute that needs them."""
+    if has_communication(schedule):
+        return schedule
+    actions = []
+    for steps in schedule.actions:
+        row: list[Step] = []
+        for step in steps:
+            row += receives_for(schedule, step)
+            row.append(step)
+            row += sends_after(schedule, step)
+        actions.append(tuple(row))
+    return schedule.replace_actions(actions)
+
+
+def message_of(schedule: Schedule, action: Action) -> Message:
+    """The message a SEND or RECV action moves."""
+    topo, place = schedule.topology, schedule.placement
+    s = action.stage
+    peer = topo.next[s] if action.kind in ("SEND_F", "RECV_B") else topo.prev[s]
+    if action.kind in COMM_KINDS and peer < 0:
+        end = "last" if action.kind in ("SEND_F", "RECV_B") else "first"
+        raise ValueError(f"{action}: stage {s} is the {end} stage of its chain, so there is no peer to "
+                         f"{'send to' if action.kind.startswith('SEND') else 'receive from'}")
+    if action.kind == "SEND_F":
+        return Message("F", s, action.microbatch, place[s], place[topo.next[s]])
+    if action.kind == "RECV_F":
+        p = topo.prev[s]
+        return Message("F", p, action.microbatch, place[p], place[s])
+    if action.kind == "SEND_B":
+        return Message("B", s, action.microbatch, place[s], place[topo.prev[s]])
+    if action.kind == "RECV_B":
+        n = topo.next[s]
+        return Message("B", n, action.microbatch, place[n], place[s])
+    raise ValueError(f"{action} is not a communication action (expected one of {COMM_KINDS})")
