@@ -76,7 +76,7 @@ def _probe(device_index: int, rowwise: bool, out_dtype: torch.dtype):
     for name, prepare in _conventions():
         try:
             got = prepare(a, a_s, b, b_s, out_dtype, rowwise)().double()
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
             errors.append(f"{name}: {str(exc).splitlines()[0]}")
             continue
         diff = 1 - 2 * (got * want).sum() / (got * got + want * want).sum()
@@ -100,7 +100,8 @@ def unavailable_reason(device: torch.device, rowwise: bool = False,
     return None if name is not None else f"torch {torch.__version__} rejected every scale layout tried ({detail})"
 
 
-def prepare(a, a_s, b, b_s, out_dtype, rowwise) -> Callable[[], torch.Tensor]:
+def prepare(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype,
+            rowwise: bool) -> Callable[[], torch.Tensor]:
     """Convert the scales to torch's layouts once; the returned call runs ``a @ b.T`` in torch's matmul.
 
     Raises :class:`~dualflow.fp8.gemm.BackendUnavailable` where torch cannot run it.
@@ -119,6 +120,7 @@ def prepare(a, a_s, b, b_s, out_dtype, rowwise) -> Callable[[], torch.Tensor]:
     return make(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
 
 
-def gemm(a, a_s, b, b_s, out_dtype, rowwise) -> torch.Tensor:
+def gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype,
+         rowwise: bool) -> torch.Tensor:
     """``a @ b.T`` through torch's block-scaled matmul."""
     return prepare(a, a_s, b, b_s, out_dtype, rowwise)()

@@ -150,7 +150,8 @@ def _config(m: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
-def gemm(a, a_scales, b, b_scales, out, *, b_rowwise: bool, accumulate: bool) -> torch.Tensor:
+def gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, out: torch.Tensor, *,
+         b_rowwise: bool, accumulate: bool) -> torch.Tensor:
     """``out (+)= a @ b.T`` for a[M, K], b[N, K]; ``out`` is [M, N] (any float dtype)."""
     m, k = a.shape
     n = b.shape[0]
@@ -164,7 +165,8 @@ def gemm(a, a_scales, b, b_scales, out, *, b_rowwise: bool, accumulate: bool) ->
     return out
 
 
-def grouped_contiguous(a, a_scales, b, b_scales, offsets, out) -> torch.Tensor:
+def grouped_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                       offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[rows of g] = a[rows of g] @ b[g].T`` with rows ``offsets[g]:offsets[g+1]``."""
     total, k = a.shape
     groups, n, _ = b.shape
@@ -180,7 +182,8 @@ def grouped_contiguous(a, a_scales, b, b_scales, offsets, out) -> torch.Tensor:
     return out
 
 
-def grouped_masked(a, a_scales, b, b_scales, counts, out) -> torch.Tensor:
+def grouped_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                   counts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[g, :counts[g]] = a[g, :counts[g]] @ b[g].T``; other rows of ``out`` are left untouched."""
     groups, m_max, k = a.shape
     n = b.shape[1]

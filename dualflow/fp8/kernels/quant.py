@@ -75,7 +75,8 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
         tl.store(s_ptr + pid_r * ssr + pid_c, scale)
 
 
-def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool):
+def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool,
+             pow2_scales: bool) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for."""
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)

@@ -1,0 +1,94 @@
+"""The Triton kernels compile for sm90 without a GPU, into the instructions the bit-exactness relies on.
+
+The CPU tests run the kernels under the interpreter, which cannot show what the GPU compiler makes of
+them: these tests compile them for Hopper (Triton's bundled ptxas, no device needed) and read the PTX.
+The compile runs in a subprocess without ``TRITON_INTERPRET`` (under it, ``@triton.jit`` makes
+interpreted functions that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compile(fn, signature: dict, constexprs: dict, hinted: list[str], **options):
+    """Compile ``fn`` for sm90 as a launch would: integer 1s specialized, pointers and named ints 16-aligned."""
+    try:  # the ahead-of-time API is private and moves between Triton versions
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        names = list(signature)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    except (ImportError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        print(json.dumps({"api_mismatch": f"{type(exc).__name__}: {exc}"}))
+        sys.exit(0)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _quantizer() -> dict:
+    from dualflow.fp8.kernels import quant
+
+    order = ["x_ptr", "R", "C", "sxr", "sxc", "q_ptr", "s_ptr", "sqr", "ssr", "qt_ptr", "st_ptr", "sqtr", "sstr"]
+    ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32"}
+    flags = {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True, "TILE": 128}
+    signature = {n: ptrs.get(n, "i32") for n in order} | {k: "constexpr" for k in flags}
+    ptx = _compile(quant._quant_kernel, signature, flags, ["x_ptr", "q_ptr", "qt_ptr", "R", "C", "sxr"],
+                   num_warps=8).asm["ptx"]
+    return {"div_rn": "div.rn.f32" in ptx, "satfinite": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
+            "approximate": any(s in ptx for s in ("div.full", "div.approx", "rcp.approx"))}
+
+
+def _gemm() -> dict:
+    from dualflow.fp8.kernels import gemm
+
+    order = ["a_ptr", "sa_ptr", "b_ptr", "sb_ptr", "c_ptr", "M", "N", "K", "s_am", "s_ak", "s_sam", "s_sak", "s_bn",
+             "s_bk", "s_sbn", "s_sbk", "s_cm", "s_cn"]
+    ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": "*bf16"}
+    unit = {"s_ak": 1, "s_bk": 1, "s_sak": 1, "s_sbk": 1, "s_cn": 1}  # what the JIT specializes
+    flags = {"B_ROWWISE": False, "ACCUMULATE": False, "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
+             "BLOCK_K": 128, "GROUP_M": 8}
+    signature = {n: ptrs.get(n, "constexpr" if n in unit else "i32") for n in order} | {k: "constexpr" for k in flags}
+    kernel = _compile(gemm._dense_kernel, signature, unit | flags, [*ptrs, "N", "K", "s_am", "s_bn", "s_cm"],
+                      num_warps=8, num_stages=3)
+    return {"wgmma_e4m3": "wgmma.mma_async" in kernel.asm["ptx"] and "e4m3" in kernel.asm["ptx"],
+            "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
+
+
+def report() -> None:
+    """Entry point of the subprocess: print what the PTX holds, as JSON."""
+    print(json.dumps({"quant": _quantizer(), "gemm": _gemm()}))
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.fp8.test_compile_sm90 import report; report()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "api_mismatch" in result:
+        pytest.skip(f"triton {triton.__version__}'s ahead-of-time compile API differs: {result['api_mismatch']}")
+    return result
+
+
+def test_quantizer_uses_exact_division_and_saturating_round_to_nearest_even(compiled):
+    assert compiled["quant"]["div_rn"], "1/scale and amax/448 must be correctly rounded divisions"
+    assert not compiled["quant"]["approximate"]
+    assert compiled["quant"]["satfinite"]
+
+
+def test_gemm_is_a_pipelined_wgmma_loop(compiled):
+    assert compiled["gemm"]["wgmma_e4m3"]
+    assert compiled["gemm"]["async_copies"] >= 2, "operand loads are not pipelined"
