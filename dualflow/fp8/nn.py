@@ -81,10 +81,10 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe):
+    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         x2 = x.reshape(-1, x.shape[-1])
-        if weight.requires_grad:
+        if wgrad:  # the 128x1 layout of x is only needed for the weight gradient
             (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x2, **kw)
             ctx.save_for_backward(xtq, xts)
         else:
@@ -117,7 +117,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def _grad_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -154,7 +154,8 @@ class Fp8Linear(nn.Linear):
         self.fp8_cache.invalidate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe)
+        wgrad = torch.is_grad_enabled() and self.weight.requires_grad
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pow2_scales={self.recipe.pow2_scales}, backend={self.recipe.backend!r}"
@@ -162,13 +163,14 @@ class Fp8Linear(nn.Linear):
 
 class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, sizes: list[int], offsets: torch.Tensor, cache: Fp8WeightCache, recipe: Fp8Recipe):
+    def forward(ctx, x, weight, sizes: list[int], offsets: torch.Tensor, cache: Fp8WeightCache, recipe: Fp8Recipe,
+                wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         xq, xs = quantize_1x128(x, **kw)
         w8 = cache.get(weight, recipe)
         out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
                                backend=recipe.backend)
-        if weight.requires_grad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
+        if wgrad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
             bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
             saved = [t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)]
             ctx.save_for_backward(*saved)
@@ -198,7 +200,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
                     dw[g] = fp8_gemm(gtq, gts, saved[2 * g], saved[2 * g + 1], out_dtype=dw.dtype,
                                      backend=recipe.backend)
                 lo += size
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 class Fp8GroupedLinear(nn.Module):
@@ -238,7 +240,8 @@ class Fp8GroupedLinear(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be [tokens, {self.in_features}], got {tuple(x.shape)}")
         offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32, device=x.device)
-        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe)
+        wgrad = torch.is_grad_enabled() and self.weight.requires_grad
+        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe, wgrad)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
