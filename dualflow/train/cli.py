@@ -1,0 +1,83 @@
+"""``dualflow train CONFIG.toml [--resume] [--section.key=value ...]``: the training job.
+
+One process trains a config whose ``parallel.pp * parallel.dp`` is 1; more processes come from the
+launcher, which every rank then joins through ``init_distributed``:
+
+    dualflow launch --nproc-per-node 4 -- -m dualflow train configs/tiny_moe.toml
+
+A worker group restarted by the launcher (``--max-restarts``) resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dualflow.launcher.config import ConfigError, add_config_arguments, config_from_args, log_config
+
+_LAUNCHED = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dualflow.train.config import TrainConfig
+
+    parser.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG.toml",
+                        help="the job's configuration (configs/tiny_moe.toml is the CPU demo)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the run directory, if there is one")
+    add_config_arguments(parser, TrainConfig)
+
+
+def _launched() -> bool:
+    return any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCHED if v != "PMIX_RANK") or \
+        "PMIX_RANK" in os.environ
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dualflow.train.config import TrainConfig
+    from dualflow.train.trainer import Trainer, TrainingDiverged
+
+    if args.config_file is not None:
+        if args.config is not None:
+            print("dualflow train: give the config once (positional or --config)", file=sys.stderr)
+            return 2
+        args.config = args.config_file
+    try:
+        cfg = config_from_args(TrainConfig, args)
+    except ConfigError as exc:
+        print(f"dualflow train: {exc}", file=sys.stderr)
+        return 2
+    world = cfg.parallel.world
+    if world > 1 and not _launched():
+        cmd = f"dualflow launch --nproc-per-node {world} -- -m dualflow train {args.config or ''}".rstrip()
+        print(f"dualflow train: this config needs {world} processes (parallel.pp={cfg.parallel.pp} x "
+              f"parallel.dp={cfg.parallel.dp}); start it with:\n  {cmd}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if _launched():
+        from dualflow.launcher import init_distributed
+
+        device = init_distributed().device
+    log_config(cfg, cfg.train.run_dir)
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    try:
+        summary = Trainer(cfg, device).train(resume=resume)
+    except TrainingDiverged as exc:
+        print(f"dualflow train: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary.val_losses:
+        first, last = min(summary.val_losses), max(summary.val_losses)
+        from dualflow.utils.logging import print_rank0
+
+        print_rank0(f"done: step {summary.last_step}, validation loss {summary.val_losses[first]:.4f} (step {first}) "
+                    f"-> {summary.val_losses[last]:.4f} (step {last}); checkpoint {summary.checkpoint}")
+    return 0
