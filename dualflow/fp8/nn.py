@@ -79,6 +79,10 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _grad_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _GEMM_DTYPES else torch.float32
+
+
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool):
@@ -118,10 +122,6 @@ class _Fp8LinearFn(torch.autograd.Function):
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None, None
-
-
-def _grad_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in _GEMM_DTYPES else torch.float32
 
 
 class Fp8Linear(nn.Linear):
