@@ -50,6 +50,7 @@ def _nvml_facts() -> dict[str, Any]:
         for index, (physical, handle) in enumerate(visible):
             pci = nvml.call("nvmlDeviceGetPciInfo", handle)
             gpus.append({"index": index, "physical": physical, "name": as_text(nvml.call("nvmlDeviceGetName", handle)),
+                         "uuid": as_text(nvml.call("nvmlDeviceGetUUID", handle)),
                          "bus_id": as_text(getattr(pci, "busId", None))})
         return {
             "nvml": "ok",

@@ -38,9 +38,9 @@ def main() -> None:
     if args.raise_on == ctx.rank:
         raise RuntimeError(f"deliberate failure on rank {ctx.rank}")
 
-    total = torch.tensor([float(ctx.rank + 1)])
+    total = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
     dist.all_reduce(total)
-    payload = torch.arange(4.0) * (ctx.rank + 1)  # only the source rank's values may survive
+    payload = torch.arange(4.0, device=ctx.device) * (ctx.rank + 1)  # only the source rank's values may survive
     dist.broadcast(payload, src=ctx.world_size - 1)
     peers: list = [None] * ctx.world_size
     dist.all_gather_object(peers, {"rank": ctx.rank, "local_rank": ctx.local_rank, "host": socket.gethostname(),
@@ -49,6 +49,7 @@ def main() -> None:
         "rank": ctx.rank, "world_size": ctx.world_size, "local_rank": ctx.local_rank,
         "local_world_size": ctx.local_world_size, "num_nodes": ctx.num_nodes, "device": str(ctx.device),
         "backend": ctx.backend, "source": ctx.source, "dist_rank": dist.get_rank(),
+        "current_device": torch.cuda.current_device() if torch.cuda.is_available() else None,
         "dist_world_size": dist.get_world_size(), "sum": total.item(), "broadcast": payload.tolist(),
         "peers": peers, "attempt": attempt, "env": {k: os.environ.get(k) for k in ENV_KEYS},
     }
