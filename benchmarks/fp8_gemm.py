@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from dualflow.fp8 import (
     torch_scaled,
 )
 from dualflow.utils.logging import print_rank0
-from dualflow.utils.timing import Table, time_fn, write_record
+from dualflow.utils.timing import Table, cuda_graphed, time_fn, write_record
 
 FORWARD = [(m, n, k) for m in (64, 128, 4096) for n, k in ((2112, 7168), (24576, 1536), (4096, 7168), (7168, 16384))]
 WGRAD = [(7168, 2112, 4096), (4096, 7168, 4096)]  # [out, in] = dy.T @ x over 4096 tokens
@@ -50,25 +49,6 @@ SMOKE_GROUPED = (2, 128, 256, 256)
 SMOKE_LINEAR = (256, 256, 256)
 
 COLUMNS = ["shape", "layout", "impl", "ms", "TFLOPS", "error", "note"]
-
-
-def graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:
-    """``fn`` replayed from a CUDA graph (warmed up on a side stream first), or ``fn`` itself off the GPU
-    or when capture fails; with the mode's name."""
-    if device.type != "cuda":
-        return fn, "eager"
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        return fn, "eager (capture failed)"
-    return graph.replay, "graph"
 
 
 def _error(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -89,7 +69,7 @@ class Bench:
             note: str = "", graph: bool = True) -> None:
         try:
             out = fn()
-            timed, mode = graphed(fn, self.device) if graph and self.graphs else (fn, "eager")
+            timed, mode = cuda_graphed(fn, self.device) if graph and self.graphs else (fn, "eager")
             t = time_fn(timed, warmup=self.warmup, repeat=self.repeat, device=self.device).median
         except BackendUnavailable as exc:
             self.table.add(shape=shape, layout=layout, impl=impl, note="unavailable (below)")

@@ -19,13 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fp8_gemm import graphed
 
 from dualflow.fp8 import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
 from dualflow.fp8.quant import num_blocks
-from dualflow.utils.timing import Table, time_fn, write_record
+from dualflow.utils.timing import Table, cuda_graphed, time_fn, write_record
 
 ACTIVATIONS = [(4096, 7168), (16384, 7168), (4096, 18432)]
 WEIGHTS = [(7168, 16384)]
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs: dict[tuple[int, int], float] = {}
 
     def timed(fn) -> float:
-        fn = fn if args.eager else graphed(fn, device)[0]
+        fn = fn if args.eager else cuda_graphed(fn, device)[0]
         return time_fn(fn, warmup=warmup, repeat=repeat, device=device).median
 
     for (r, c), fn in cases:

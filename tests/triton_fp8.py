@@ -4,12 +4,14 @@ The interpreter of Triton 3.9 converts fp32/bf16/fp16 to fp8 with its own bit ma
 what the GPU computes: a mantissa carry into the exponent is lost, values beyond the format's range do
 not saturate, and ties round away from even. On the GPU, Triton lowers these casts to
 ``cvt.rn.satfinite`` (round to nearest even, finite values saturate to the largest normal, Inf saturates
-too, NaN stays NaN). Its ``tl.dot`` on fp8 operands also widens the NaN codes to 480.
+too, NaN stays NaN). Its ``tl.dot`` on fp8 operands also widens the NaN codes to 480, and its
+fp32 -> bf16 cast truncates where the GPU rounds to nearest even.
 
 :func:`install` routes every interpreter conversion that has an fp8 side through torch casts that
-compute exactly that (and fp8 ``tl.dot`` operands through exact widening), so kernels tested on the
-CPU see the bytes the GPU would produce. It is the only workaround of this kind in the project;
-conftest.py installs it once for the whole test session (and tests/dist.py in each worker).
+compute exactly that (likewise narrowings to bf16, and fp8 ``tl.dot`` operands through exact
+widening), so kernels tested on the CPU see the bytes the GPU would produce. It is the only workaround
+of this kind in the project; conftest.py installs it once for the whole test session (and
+tests/dist.py in each worker).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def install() -> None:
         from triton.runtime import interpreter as ti
     except Exception:
         return
+    import triton.language as tl
+
     fp8, floats = _tables()
     known = set(fp8) | set(floats)
     builder = ti.InterpreterBuilder
@@ -67,7 +71,10 @@ def install() -> None:
     orig_cast = builder.cast_impl
 
     def _handled(src, dst) -> bool:
-        return (src in fp8 or dst in fp8) and src in known and dst in known
+        if src not in known or dst not in known or src == dst:
+            return False
+        # fp8 on either side, or a narrowing to bf16 (the interpreter truncates; the GPU rounds to even)
+        return src in fp8 or dst in fp8 or dst == tl.bfloat16
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
         s, d = src.dtype.scalar, dst_type.scalar

@@ -2,6 +2,8 @@
 
 from dualflow.utils import nvtx
 from dualflow.utils.logging import current_rank, get_logger, print_rank0
-from dualflow.utils.timing import Table, Timing, time_fn, write_record
+from dualflow.utils.timing import Table, Timing, cuda_graphed, time_fn, write_record
 
-__all__ = ["Table", "Timing", "current_rank", "get_logger", "nvtx", "print_rank0", "time_fn", "write_record"]
+__all__ = [
+    "Table", "Timing", "cuda_graphed", "current_rank", "get_logger", "nvtx", "print_rank0", "time_fn", "write_record",
+]
