@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from dualflow.launcher.env import LauncherError
@@ -45,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(plan.differs), flush=True)
     if args.dry_run:
         print("command: " + plan.command())
-        print("environment: " + " ".join(f"{k}={v}" for k, v in sorted(plan.env.items())))
+        print("environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())))
         return 0
     return launch(plan)

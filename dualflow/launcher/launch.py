@@ -61,7 +61,7 @@ def _nproc(value: str | int) -> tuple[int, str]:
     return n, "auto: no GPU visible, gloo workers on the CPU"
 
 
-def _default_log_dir(environ: Mapping[str, str], site: Site) -> Path:
+def _default_log_dir(site: Site) -> Path:
     if site.kind == "slurm":
         name = site.rdzv_id  # the same on every node, so a shared file system gathers one folder
     else:
@@ -90,7 +90,7 @@ def plan_launch(
         raise LauncherError(f"--nnodes must be >= 1, got {nnodes}")
     site = detect_site(environ, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     nproc, reason = _nproc(nproc_per_node)
-    logs = Path(log_dir) if log_dir is not None else _default_log_dir(environ, site)
+    logs = Path(log_dir) if log_dir is not None else _default_log_dir(site)
     logs = logs.absolute()
 
     add, differs = recommended_env(environ, str(logs))

@@ -8,6 +8,7 @@ Workers run through :mod:`dualflow.launcher.worker`, which sends stderr to the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,8 +35,10 @@ class RankLogsSpecs(DefaultLogsSpecs):
             rank = env["RANK"]
             path = self._rank_dir / f"rank-{rank}.log"
             attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
-            if attempt > 0 and path.exists():
-                os.replace(path, self._rank_dir / f"rank-{rank}.attempt-{attempt - 1}.log")
+            if attempt > 0:
+                # On a shared file system another node may have moved it first (ranks can change hosts).
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, self._rank_dir / f"rank-{rank}.attempt-{attempt - 1}.log")
             dest.stdouts[local_rank] = str(path)
             if rank == "0":
                 dest.tee_stdouts[local_rank] = str(path)

@@ -128,13 +128,38 @@ def _active_links(nvml: Nvml, handle: Any) -> list[tuple[str, tuple[int, int, st
     return out
 
 
+def torch_uuids() -> list[str] | None:
+    """The UUIDs of the devices torch sees, in CUDA's order; None where torch cannot tell."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return None
+
+
+def _bare(uuid: str) -> str:
+    return uuid.lower().removeprefix("gpu-")
+
+
 def visible_handles(nvml: Nvml, cuda_visible_devices: str | None = None) -> list[tuple[int, Any]]:
-    """(physical index, NVML handle) of each GPU CUDA shows this process, in CUDA's order."""
+    """(physical index, NVML handle) of each GPU CUDA shows this process, in CUDA's order.
+
+    Matched by UUID when torch can list its devices (exact whatever ``CUDA_DEVICE_ORDER`` is), else by
+    reading ``CUDA_VISIBLE_DEVICES`` (:func:`visible_physical_indices`).
+    """
     count = nvml.call("nvmlDeviceGetCount") or 0
     handles = [nvml.call("nvmlDeviceGetHandleByIndex", i) for i in range(count)]
     uuids = [as_text(nvml.call("nvmlDeviceGetUUID", h)) or "" for h in handles]
-    env = os.environ.get("CUDA_VISIBLE_DEVICES") if cuda_visible_devices is None else cuda_visible_devices
-    return [(i, handles[i]) for i in visible_physical_indices(env, uuids) if handles[i] is not None]
+    seen = torch_uuids() if cuda_visible_devices is None else None
+    if seen is not None and all(_bare(u) in map(_bare, uuids) for u in seen):
+        order = [[_bare(x) for x in uuids].index(_bare(u)) for u in seen]
+    else:
+        env = os.environ.get("CUDA_VISIBLE_DEVICES") if cuda_visible_devices is None else cuda_visible_devices
+        order = visible_physical_indices(env, uuids)
+    return [(i, handles[i]) for i in order if handles[i] is not None]
 
 
 def topology_matrix(nvml: Nvml, handles: Sequence[Any]) -> list[list[str]]:

@@ -172,9 +172,16 @@ def test_nvlink_matrix_matches_nvidia_smi(visible):
         if n < 2:
             pytest.skip("needs two GPUs to reorder them")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in reversed(range(n)))
-    probe = ("import json, torch; from dualflow.launcher.doctor import collect; info = collect(); "
-             "print(json.dumps({'info': info, 'uuids': [str(torch.cuda.get_device_properties(i).uuid) "
-             "for i in range(torch.cuda.device_count())]}, default=str))")
+    probe = """
+import json, os, torch
+from dualflow.launcher.doctor import collect
+from dualflow.launcher.nvml import Nvml, visible_handles
+env = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(str(i) for i in range(torch.cuda.device_count()))
+with Nvml() as nvml:
+    from_env = [i for i, _ in visible_handles(nvml, cuda_visible_devices=env)]  # without torch's UUIDs
+uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+print(json.dumps({"info": collect(), "uuids": uuids, "from_env": from_env}, default=str))
+"""
     res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout.splitlines()[-1])
@@ -183,6 +190,9 @@ def test_nvlink_matrix_matches_nvidia_smi(visible):
     # Row i is CUDA device i: the same GPU as torch's device i.
     for g, uuid in zip(gpus, data["uuids"]):
         assert g["uuid"].removeprefix("GPU-") == uuid.removeprefix("GPU-")
+    physical = [g["physical"] for g in gpus]
+    assert data["from_env"] == physical  # reading CUDA_VISIBLE_DEVICES gives the same GPUs
+    assert physical == (list(reversed(range(n))) if visible else list(range(n)))
     smi = _smi_topology()
     for i, gi in enumerate(gpus):
         for j, gj in enumerate(gpus):

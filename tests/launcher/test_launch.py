@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 from torch.distributed import run as torchrun
@@ -41,11 +42,28 @@ def test_dry_run_prints_the_exact_torchrun_command(plain_env, capsys, tmp_path):
     assert (args.standalone, args.nproc_per_node, args.max_restarts, args.log_dir) == (True, "3", 2, str(tmp_path))
     assert (args.module, args.training_script, args.training_script_args) == (
         True, "dualflow.launcher.worker", ["train.py", "--lr", "1"])
-    env = dict(kv.split("=", 1) for kv in next(x for x in out if x.startswith("environment: "))[13:].split())
+    env = dict(kv.split("=", 1) for kv in shlex.split(next(x for x in out if x.startswith("environment: "))[13:]))
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and env["DUALFLOW_LOG_DIR"] == str(tmp_path)
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == f"{tmp_path}/nccl_trace_rank_"
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need a fresh store per attempt
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(ep.name == "dualflow" for ep in entry_points(group="torchrun.logs_specs")),
+                    reason="the torchrun.logs_specs entry point 'dualflow' is not registered (pyproject.toml)")
+def test_the_printed_command_runs_under_plain_torchrun(tmp_path):
+    env = clean_env()
+    code, out = run([*DUALFLOW, "launch", "--dry-run", "--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"),
+                     "--", str(JOB), str(tmp_path / "reports")], env, timeout=120)
+    assert code == 0, out
+    lines = out.splitlines()
+    command = shlex.split(next(x for x in lines if x.startswith("command: "))[len("command: "):])
+    added = dict(kv.split("=", 1) for kv in shlex.split(next(x for x in lines if x.startswith("environment: "))[13:]))
+    code, out = run(command, {**env, **added}, timeout=240)
+    assert code == 0, out
+    check_reports(tmp_path / "reports", world=2, local_world=2, nodes=1, source="torchrun")
+    assert sorted(p.name for p in (tmp_path / "logs").glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]
 
 
 def test_dry_run_keeps_user_settings_and_says_so_once(plain_env, capsys, tmp_path):
