@@ -141,8 +141,31 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscr
         return subprocess.run(["srun", *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd)
 
+    def _step_daemons(self) -> list[int]:
+        """slurmstepd processes of this cluster (they inherit slurmd's SLURM_CONF)."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"slurmstepd")
+                        and mine in (proc / "environ").read_bytes().split(b"\0")):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
     def stop(self) -> None:
-        """Stop the daemons this cluster started (by their pid files) and wait for them to exit."""
+        """Stop the daemons this cluster started (by their pid files) and wait for them to exit.
+
+        Steps still finishing get a few seconds first; a step daemon left behind (it would retry its
+        completion message to a stopped controller forever) is then stopped too.
+        """
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in self._step_daemons()):
+            time.sleep(0.1)
+        for pid in self._step_daemons():  # stuck: slurmstepd ignores SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         pids = []
         for name in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
             path = self.root / name
