@@ -14,12 +14,12 @@ python_deps() {
   local extras=${1:-dev}
   if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "bootstrap: torch is not installed; installing $TORCH_PIN"
-    "$PYTHON" -m pip install -q "$TORCH_PIN"
+    "$PYTHON" -m pip install -q --root-user-action=ignore "$TORCH_PIN"
   fi
   # Build requirements first, so the editable install runs without build isolation (no second download
   # and no CMake build of the CUDA library: `make build` builds that one into build/cuda).
-  "$PYTHON" -m pip install -q "scikit-build-core>=0.10" "nvidia-cutlass>=4.0"
-  "$PYTHON" -m pip install -q --no-build-isolation -C cmake.define.DUALFLOW_CUDA=OFF -e ".[$extras]"
+  "$PYTHON" -m pip install -q --root-user-action=ignore "scikit-build-core>=0.10" "nvidia-cutlass>=4.0"
+  "$PYTHON" -m pip install -q --root-user-action=ignore --no-build-isolation -C cmake.define.DUALFLOW_CUDA=OFF -e ".[$extras]"
 }
 
 system_deps() {
