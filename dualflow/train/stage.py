@@ -42,7 +42,8 @@ def _differentiable(v: Any) -> bool:
 class _Record:
     """One micro-batch's forward: per phase, its (boundary -> source) inputs and its output state."""
 
-    def __init__(self) -> None:
+    def __init__(self, x: torch.Tensor) -> None:
+        self.input = x  # the stage input: a leaf when the stage before it is elsewhere (or on another chunk)
         self.steps: list[tuple[Phase, list[tuple[torch.Tensor, torch.Tensor]], State]] = []
 
 
@@ -55,15 +56,14 @@ class _Backward:
     autograd's AccumulateGrad does for one backward.
     """
 
-    def __init__(self, record: _Record, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                 inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, record: _Record, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         self.steps = list(record.steps)
         # id -> (tensor, gradient); the tensor is held so that its id cannot be reused meanwhile
         self.grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for t, g in zip(outputs, grads):
             self._add(self.grads, t, g)
-        self.inputs = [t for t in inputs if _differentiable(t)]
+        self.inputs = [record.input] if _differentiable(record.input) else []
 
     @staticmethod
     def _add(store: dict, t: torch.Tensor, g: torch.Tensor | None) -> None:
@@ -148,13 +148,23 @@ class _Forward:
 
 
 class PipelineStage(nn.Module):
-    """What the pipeline runtime holds for one stage: ``stage`` plus the recording of its forwards."""
+    """What the pipeline runtime holds for one stage without overlap: the model stage, run whole."""
 
     def __init__(self, stage: Stage) -> None:
         super().__init__()
         self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x)
+
+
+class OverlappedStage(PipelineStage):
+    """A stage whose forwards are recorded phase by phase, with the runtime's F&B hook (module docstring)."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__(stage)
         self._records: dict[int, tuple[weakref.ref, _Record]] = {}
-        self.comm_stream: Any = None  # set on CUDA by the engine: where communication phases run
+        self.comm_stream: Any = None  # on CUDA, set by the engine: where communication phases run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fwd = self.start_forward(x)
@@ -163,7 +173,7 @@ class PipelineStage(nn.Module):
         return self.finish_forward(fwd)
 
     def start_forward(self, x: torch.Tensor) -> _Forward:
-        return _Forward(self.stage, x, _Record() if torch.is_grad_enabled() else None)
+        return _Forward(self.stage, x, _Record(x) if torch.is_grad_enabled() else None)
 
     def finish_forward(self, fwd: _Forward) -> torch.Tensor:
         out = fwd.output
@@ -173,45 +183,64 @@ class PipelineStage(nn.Module):
             self._records[key] = (weakref.ref(out, lambda _, k=key, d=self._records: d.pop(k, None)), fwd.record)
         return out
 
-    def start_backward(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                       inputs: Sequence[torch.Tensor]) -> _Backward | None:
-        """The phase-by-phase backward of the forward that produced ``outputs`` (None if not recorded)."""
-        if len(outputs) != 1:
+    def _take_record(self, output: torch.Tensor) -> _Record | None:
+        entry = self._records.get(id(output))
+        if entry is None or entry[0]() is not output:
             return None
-        entry = self._records.pop(id(outputs[0]), None)
-        if entry is None or entry[0]() is not outputs[0]:
-            return None
-        return _Backward(entry[1], outputs, grads, inputs)
+        del self._records[id(output)]
+        return entry[1]
+
+    def _output_under(self, loss: torch.Tensor, depth: int = 8) -> torch.Tensor | None:
+        """The recorded output that ``loss`` was computed from (a short walk up the loss's graph)."""
+        outputs = {}
+        for ref, _ in self._records.values():
+            out = ref()
+            if out is not None and out.grad_fn is not None:
+                outputs[out.grad_fn] = out
+        frontier = [loss.grad_fn]
+        for _ in range(depth):
+            nxt = []
+            for node in frontier:
+                if node in outputs:
+                    return outputs[node]
+                nxt += [c for c, _ in (node.next_functions if node is not None else ()) if c is not None]
+            frontier = nxt
+        return None
 
     @classmethod
     def overlapped_forward_backward(
         cls,
-        module0: PipelineStage,
+        module0: OverlappedStage,
         inputs0: Sequence[torch.Tensor],
         criterion0: Callable[..., torch.Tensor] | None,
         labels0: Sequence[torch.Tensor],
-        module1: PipelineStage,
+        module1: OverlappedStage,
         loss1: torch.Tensor | None,
-        outputs1: Sequence[torch.Tensor] | torch.Tensor | None,
+        outputs1: Sequence[torch.Tensor] | None,
         output_grads1: Sequence[torch.Tensor] | None,
-        inputs1: Sequence[torch.Tensor] = (),
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Forward of micro-batch 0 on ``module0`` interleaved with the backward of micro-batch 1 on ``module1``.
 
-        ``loss1`` is set when ``module1`` is a last stage (its backward starts from the loss), else
+        ``loss1`` is given when ``module1`` is a last stage (its backward starts from the loss), else
         ``output_grads1`` holds the gradients of ``outputs1``. Parameter gradients accumulate in place and
-        the gradients of ``inputs1`` land in their ``.grad``. Returns (outputs0, loss0).
+        the gradients of micro-batch 1's stage input land in its ``.grad``. Returns (outputs0, loss0).
         """
-        outputs1 = [outputs1] if isinstance(outputs1, torch.Tensor) else list(outputs1 or ())
         if loss1 is not None:
-            output_grads1 = torch.autograd.grad(loss1, outputs1)
+            found = module1._output_under(loss1)
+            outputs1 = [found] if found is not None else []
+            output_grads1 = list(torch.autograd.grad(loss1, outputs1)) if outputs1 else []
+        outputs1 = list(outputs1 or ())
+        record = module1._take_record(outputs1[0]) if len(outputs1) == 1 else None
         fwd = module0.start_forward(*inputs0)
-        bwd = module1.start_backward(outputs1, list(output_grads1), inputs1)
-        if bwd is None:  # not recorded phase by phase: forward, then autograd's own backward
+        if record is None:  # not recorded phase by phase: forward, then autograd's own backward
             while fwd.peek() is not None:
                 fwd.run_next()
-            torch.autograd.backward(outputs1, output_grads1)
+            if loss1 is not None and not outputs1:
+                loss1.backward()
+            else:
+                torch.autograd.backward(outputs1, list(output_grads1))
         else:
+            bwd = _Backward(record, outputs1, list(output_grads1))
             _interleave(fwd, bwd, module0.comm_stream)
             bwd.finish()
         outputs0 = [module0.finish_forward(fwd)]

@@ -38,3 +38,13 @@ def train_worker(rank, world, cfg, resume=False):
 
     summary = Trainer(cfg).train(resume=resume)
     return summary.losses, summary.val_losses
+
+
+def train_worker_params(rank, world, cfg):
+    """Like :func:`train_worker`, plus this rank's final parameters and balancing biases."""
+    from dualflow.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    state = {k: v.clone() for s in trainer.stages for k, v in s.state_dict().items()}
+    return summary.losses, state

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dualflow.train.model import ModelConfig, Stage, cross_entropy
-from dualflow.train.stage import PipelineStage, _interleave
+from dualflow.train.stage import OverlappedStage, _interleave
 from tests.dist import progress, run_workers
 
 CFG = ModelConfig(dim=32, n_layers=4, n_dense_layers=1, n_heads=4, dense_hidden=48, expert_hidden=16,
@@ -66,41 +66,46 @@ def test_interleave_pairs_communication_with_computation_as_in_figure_4():
     assert log.index("B.comm") < log.index("F.compute") + 1
 
 
-def _pair(cfg, seed, **kw):
-    """(module0, module1): two stages of one model, the second one last."""
+def _pair(cfg, seed, last=True, **kw):
+    """(module0, module1): two stages of one model; the second one last, or a middle stage."""
     a = Stage(cfg, range(0, 2), first=True, last=False, **kw)
-    b = Stage(cfg, range(2, cfg.n_layers), first=False, last=True, **kw)
+    b = Stage(cfg, range(2, cfg.n_layers), first=False, last=last, **kw)
     for s in (a, b):
         s.init_weights(seed)
-    return PipelineStage(a), PipelineStage(b)
+    return OverlappedStage(a), OverlappedStage(b)
 
 
 def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def _run_both(cfg, setup=None, *, kw=None, rank=0, batch=3):
+def _run_both(cfg, setup=None, *, kw=None, rank=0, batch=3, last=True):
     """Backward of micro-batch 1 (plain autograd vs phase by phase) next to the forward of micro-batch 0."""
     kw = kw or {}
     results = []
     for overlapped in (False, True):
-        m0, m1 = _pair(cfg, 7, **kw)
+        m0, m1 = _pair(cfg, 7, last, **kw)
         if setup:
             setup(m0, m1)
         g = torch.Generator().manual_seed(100 + rank)
         x0 = torch.randint(0, 256, (batch, 8), generator=g)
         h1 = torch.randn(batch, 8, cfg.dim, generator=g).requires_grad_()
         labels1 = torch.randint(0, 256, (batch, 8), generator=g)
+        grad1 = torch.randn(batch, 8, cfg.dim, generator=g)
+
+        def loss_of(out, labels1=labels1, grad1=grad1):
+            return cross_entropy(out, labels1) if last else (out * grad1).sum()
+
         # a first accumulation, so the phase backward adds to existing .grad as autograd does
-        cross_entropy(m1(h1.detach().requires_grad_()), labels1).backward()
+        loss_of(m1(h1.detach().requires_grad_())).backward()
         out1 = m1(h1)
-        loss1 = cross_entropy(out1, labels1)
-        if overlapped:
-            outs0, _ = PipelineStage.overlapped_forward_backward(m0, [x0], None, [], m1, loss1, [out1], None,
-                                                                 inputs1=[h1])
+        if overlapped and last:
+            outs0, _ = OverlappedStage.overlapped_forward_backward(m0, [x0], None, [], m1, loss_of(out1), None, None)
+        elif overlapped:
+            outs0, _ = OverlappedStage.overlapped_forward_backward(m0, [x0], None, [], m1, None, [out1], [grad1])
         else:
             outs0 = [m0(x0)]
-            loss1.backward()
+            loss_of(out1).backward()
         results.append((outs0[0].detach(), h1.grad.clone(), _grads(m1), _grads(m0)))
     return results
 
@@ -124,13 +129,16 @@ def test_overlapped_step_bf16_bitwise():
     _assert_bitwise(_run_both(CFG, kw=dict(compute_dtype=torch.bfloat16)))
 
 
+def test_overlapped_step_of_a_middle_stage_bitwise():
+    _assert_bitwise(_run_both(CFG, last=False))
+
+
 def test_unrecorded_forward_falls_back_to_autograd():
     m0, m1 = _pair(CFG, 1)
     h1 = torch.randn(2, 8, CFG.dim, requires_grad=True)
-    stranger = m1(h1) * 1  # not what the stage returned: no record, the plain backward runs
-    loss1 = cross_entropy(stranger, torch.randint(0, 256, (2, 8)))
-    PipelineStage.overlapped_forward_backward(m0, [torch.randint(0, 256, (2, 8))], None, [], m1, loss1,
-                                              [stranger], None, inputs1=[h1])
+    loss1 = cross_entropy(m1.stage(h1), torch.randint(0, 256, (2, 8)))  # not recorded: autograd's backward runs
+    OverlappedStage.overlapped_forward_backward(m0, [torch.randint(0, 256, (2, 8))], None, [], m1, loss1,
+                                              None, None)
     assert h1.grad is not None and h1.grad.abs().sum() > 0
 
 
