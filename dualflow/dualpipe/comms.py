@@ -95,3 +95,46 @@ def message_of(schedule: Schedule, action: Action) -> Message:
         n = topo.next[s]
         return Message("B", n, action.microbatch, place[n], place[s])
     raise ValueError(f"{action} is not a communication action (expected one of {COMM_KINDS})")
+
+
+class Op(NamedTuple):
+    """One entry of a rank's program: ``what`` is "recv" or "send" (with ``message``) or "compute" (with ``step``)."""
+
+    what: str
+    message: Message | None = None
+    step: Step | None = None
+    index: int = -1  # position of ``step`` in the rank's schedule row
+
+
+def programs(schedule: Schedule) -> list[list[Op]]:
+    """Per rank, the order in which to issue receives, computes and sends.
+
+    All ranks follow one global order of messages: the compute steps sorted by their start in a
+    unit-cost simulation (a linear extension of the dependencies). A send is issued right after the
+    compute that produces it, and its receive is posted by the receiver at the same position of the
+    global order, which is as early as the schedule allows and before the compute that consumes it.
+    Because every rank issues its point-to-point operations in the same global order, each pair of ranks
+    issues them in matching order whatever the backend's streams are shared between, so no two ranks
+    can wait on each other.
+    """
+    from dualflow.dualpipe.simulate import Costs, simulate
+
+    sim = simulate(schedule, Costs(F=1.0, B=2.0, W=1.0))
+    events = sorted((iv.start, r, i) for r, row in enumerate(sim.timeline) for i, iv in enumerate(row))
+    out: list[list[Op]] = [[] for _ in range(schedule.num_ranks)]
+    for _, r, i in events:
+        step = schedule.actions[r][i]
+        out[r].append(Op("compute", step=step, index=i))
+        for send in sends_after(schedule, step):
+            msg = message_of(schedule, send)
+            out[r].append(Op("send", message=msg))
+            out[msg.dst].append(Op("recv", message=msg))
+    return out
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The forward steps of ``schedule`` alone (an F&B keeps its F): what a step under ``torch.no_grad()`` runs."""
+    rows = []
+    for steps in schedule.actions:
+        rows.append(tuple(a for step in steps for a in parts(step) if a.kind == "F"))
+    return schedule.replace_actions(rows)
