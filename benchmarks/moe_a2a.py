@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualflow.comm import Buffer
+from dualflow.comm import Buffer, KernelConfig
 from dualflow.utils.timing import Table, time_fn, write_record
 
 FULL = dict(tokens=[512, 1024, 2048, 4096], hidden=7168, experts=256, topk=8)
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
     fp8_row = hidden + hidden // 128 * 4
     peer_name = "nccl a2a" if on_gpu else "gloo a2a"
     for backend in backends:
-        buffer = Buffer(None, hidden, max_tokens_per_rank=max(tokens_list), num_sms=args.num_sms, backend=backend)
+        buffer = Buffer(None, hidden, max_tokens_per_rank=max(tokens_list), num_sms=args.num_sms, backend=backend,
+                        kernel_config=KernelConfig(fp8=True, max_topk=topk))
         sms = buffer.num_sms if buffer.backend == "kernels" else "-"
         for tokens in tokens_list:
             idx = _routing(tokens, experts, topk, seed=rank, device=device)

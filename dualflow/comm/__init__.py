@@ -5,7 +5,9 @@ The API follows DeepSeek's DeepEP "normal" mode (``Buffer``, ``get_dispatch_layo
 """
 
 from dualflow.comm.buffer import Buffer, DispatchHandle
+from dualflow.comm.kernels import CommTimeoutError, KernelConfig
 from dualflow.comm.layout import DispatchLayout, ExpertMajorLayout, get_dispatch_layout
 from dualflow.comm.work import CommWork
 
-__all__ = ["Buffer", "CommWork", "DispatchHandle", "DispatchLayout", "ExpertMajorLayout", "get_dispatch_layout"]
+__all__ = ["Buffer", "CommTimeoutError", "CommWork", "DispatchHandle", "DispatchLayout", "ExpertMajorLayout",
+           "KernelConfig", "get_dispatch_layout"]

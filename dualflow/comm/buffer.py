@@ -19,15 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dualflow.comm import autograd
-from dualflow.comm.layout import (
-    DispatchLayout,
-    ExpertMajorLayout,
-    align_up,
-    expert_major_layout,
-    get_dispatch_layout,
-    to_local_experts,
-)
+from dualflow.comm import autograd, kernels
+from dualflow.comm.layout import DispatchLayout, ExpertMajorLayout, align_up, expert_major_layout, get_dispatch_layout
 from dualflow.comm.payload import KIND_CODES, Payload, as_byte_rows, check_payload, from_byte_rows
 from dualflow.comm.torch_a2a import TorchBackend
 from dualflow.comm.validate import CheckFailed, Problem, agree, require
@@ -92,6 +85,7 @@ class Buffer:
       kernels, one node) or ``"auto"`` (kernels when built and every peer is NVLink-connected, else torch).
     - ``ranks_per_node``: ranks of the group per node, group ranks numbered node by node. None detects
       it from host names. Fewer than the group size selects the torch backend's hierarchical mode.
+    - ``kernel_config``: options of the kernels backend (:class:`~dualflow.comm.kernels.KernelConfig`).
 
     Constructing a buffer is collective over ``group``; so are ``dispatch`` and ``combine``.
     """
@@ -104,6 +98,7 @@ class Buffer:
         num_sms: int = 20,
         backend: str = "auto",
         ranks_per_node: int | None = None,
+        kernel_config: kernels.KernelConfig | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Buffer needs torch.distributed to be initialised (dist.init_process_group)")
@@ -138,7 +133,7 @@ class Buffer:
             "ranks_per_node": ranks_per_node or -1, "device": 1 if self.device.type == "cuda" else 0,
         }, failure)
         self.ranks_per_node = ranks_per_node or self._detect_ranks_per_node()
-        self._backend = self._make_backend(backend)
+        self._backend = self._make_backend(backend, kernel_config or kernels.KernelConfig())
 
     @property
     def backend(self) -> str:
@@ -147,6 +142,10 @@ class Buffer:
 
     def describe(self) -> str:
         return f"{self._backend.describe()} on {self.num_ranks} ranks, num_sms={self.num_sms}"
+
+    def synchronize(self) -> None:
+        """Wait for this buffer's communication; raise if a kernel reported a timeout (kernels backend)."""
+        self._backend.synchronize()
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -209,7 +208,6 @@ class Buffer:
                       expert_major, async_op):
         """Dispatch without checks or autograd; ``expert_major`` picks the layout of ``recv_x``."""
         payload = Payload(x, scales)
-        local_experts = num_experts // self.num_ranks
         inputs = [*payload.tensors, *(t for t in (topk_idx, topk_weights) if t is not None)]
 
         def body():
@@ -241,7 +239,7 @@ class Buffer:
             def finish(result) -> None:
                 recv_fields, recv_topk = result
                 if fresh:
-                    handle.recv_topk_idx.copy_(to_local_experts(recv_topk, self.rank, local_experts))
+                    handle.recv_topk_idx.copy_(recv_topk)
                     if handle.expert_layout is not None:
                         built = expert_major_layout(handle.recv_topk_idx, handle.expert_counts, expert_alignment)
                         handle.expert_layout.rows.copy_(built.rows)
@@ -381,6 +379,9 @@ class Buffer:
         num_tokens = payload.data.shape[0]
         require(self.max_tokens_per_rank is None or num_tokens <= self.max_tokens_per_rank, Problem.PAYLOAD,
                 f"{num_tokens} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank} of this buffer")
+        k = topk_idx.shape[-1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 1
+        why = self._backend.problem(num_tokens, self.hidden * payload.data.element_size(), k)
+        require(why is None, Problem.PAYLOAD, why or "")
         require(isinstance(expert_alignment, int) and expert_alignment >= 1, Problem.ARGUMENT,
                 f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
         if handle is not None:
@@ -436,6 +437,8 @@ class Buffer:
                 f"recv_x{', expert-major rows' if handle.expert_major else ''}), got {list(y.shape)}")
         require(y.device == self.device, Problem.PAYLOAD,
                 f"y is on {y.device}, this buffer communicates on {self.device}")
+        why = self._backend.problem(handle.num_tokens, y.shape[1] * y.element_size(), handle.topk_idx.shape[1])
+        require(why is None, Problem.PAYLOAD, why or "")
         if topk_weights is not None:
             want_w = list(handle.recv_topk_idx.shape)
             require(isinstance(topk_weights, torch.Tensor) and topk_weights.dtype == torch.float32
@@ -456,10 +459,17 @@ class Buffer:
                      "all-to-all (pass ranks_per_node to choose the hierarchy)", hosts)
         return self.num_ranks
 
-    def _make_backend(self, backend: str):
-        if backend == "kernels":
-            raise ValueError("the 'kernels' backend is not available in this build; use backend='torch' or 'auto'")
-        return TorchBackend(self.group, self.ranks_per_node)
+    def _make_backend(self, backend: str, config: kernels.KernelConfig):
+        """The backend asked for; ``auto`` asks every rank whether the kernels can run (collective)."""
+        if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
+            return TorchBackend(self.group, self.ranks_per_node)
+        usable, why = kernels.kernels_usable(self.group, self.device)
+        if not usable:
+            if backend == "kernels":
+                raise ValueError(f"backend='kernels' cannot run here: {why}. Use backend='torch' (or 'auto')")
+            return TorchBackend(self.group, self.ranks_per_node)
+        return kernels.KernelBackend(self.group, self.device, self.hidden, self.max_tokens_per_rank or 4096,
+                                     self.num_sms, config)
 
 
 def _describe(value: Any, device: bool = False) -> str:

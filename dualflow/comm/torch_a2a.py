@@ -23,7 +23,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from dualflow.comm.layout import DispatchLayout, expert_owner, send_order
+from dualflow.comm.layout import DispatchLayout, expert_owner, send_order, to_local_experts
 from dualflow.comm.payload import RowPacker, as_byte_rows, from_byte_rows
 from dualflow.comm.work import Pending
 
@@ -71,6 +71,13 @@ class TorchBackend:
     def hierarchical(self) -> bool:
         return self.num_nodes > 1
 
+    def problem(self, num_tokens: int, row_bytes: int, topk: int) -> str | None:
+        """Why a call cannot go through this backend: never (sizes are unbounded)."""
+        return None
+
+    def synchronize(self) -> None:
+        """Nothing to wait for beyond the collectives themselves."""
+
     def describe(self) -> str:
         if self.hierarchical:
             return f"torch (hierarchical: {self.num_nodes} nodes x {self.ranks_per_node} ranks)"
@@ -90,7 +97,8 @@ class TorchBackend:
 
         A new route needs ``topk_idx`` (global ids, sent along) and ``layout``. Returns the route, the
         per-local-expert (token, slot) counts of a new route (None for a cached one), and a pending
-        ``(received fields [N, b], received global topk_idx or None)`` in (source rank, source token) order.
+        ``(received fields [N, b], received topk_idx in local ids or None)`` in (source rank, source token)
+        order.
         """
         expert_counts = None
         if route is None:
@@ -113,7 +121,8 @@ class TorchBackend:
                 rows = rows.index_select(0, route.order)
             parts = packer.unpack(rows)
             if fresh:
-                return parts[:-1], from_byte_rows(parts[-1], torch.int64)
+                local = num_experts // self.size
+                return parts[:-1], to_local_experts(from_byte_rows(parts[-1], torch.int64), self.rank, local)
             return parts, None
 
         return route, expert_counts, Pending([work], finish)
