@@ -173,12 +173,16 @@ extern "C" int dualflow_comm_combine(const dualflow_comm_sizing* sizing, const u
              "(float32), got %d", elem_bytes);
   DF_REQUIRE(width >= 0 && (width * elem_bytes) % 16 == 0, "dualflow_comm_combine: rows of %lld x %d bytes are not "
              "a multiple of 16 bytes", static_cast<long long>(width), elem_bytes);
-  DF_REQUIRE(weights == 0 || (topk >= 1 && topk <= kMaxTopk && out_weights != 0),
-             "dualflow_comm_combine: weights need 1 <= topk <= %d and out_weights", kMaxTopk);
-  DF_REQUIRE(send_pos != 0 && recv_prefix != 0, "dualflow_comm_combine: send_pos and recv_prefix must not be NULL");
-  DF_REQUIRE(width == 0 || (rows % 16 == 0 && out % 16 == 0 && (out != 0 || num_tokens == 0)),
+  // topk > 0: weights travel with the rows (every rank passes the same value); their arrays may be NULL
+  // when empty.
+  DF_REQUIRE(topk >= 0 && topk <= kMaxTopk, "dualflow_comm_combine: topk must be in [0, %d] (0: no weights), got %d",
+             kMaxTopk, topk);
+  DF_REQUIRE(num_tokens == 0 || (send_pos != 0 && (topk == 0 || out_weights != 0)),
+             "dualflow_comm_combine: send_pos (and out_weights when topk > 0) must not be NULL");
+  DF_REQUIRE(recv_prefix != 0, "dualflow_comm_combine: recv_prefix must not be NULL");
+  DF_REQUIRE(rows % 16 == 0 && out % 16 == 0 && (width == 0 || out != 0 || num_tokens == 0),
              "dualflow_comm_combine: rows and out must be 16-byte aligned, out non-NULL");
-  p.topk = weights != 0 ? topk : 0;
+  p.topk = topk;
   const int64_t message = combine_message_bytes(width * elem_bytes, p.topk);
   DF_REQUIRE(message <= sizing->slot_bytes,
              "dualflow_comm_combine: a message of %lld bytes does not fit the %lld-byte ring slots of this buffer "

@@ -94,8 +94,10 @@ DUALFLOW_API int dualflow_comm_notify(const dualflow_comm_sizing* sizing, const 
 
 // Sends each token's row once to every rank in its row of is_token_in_rank, on exactly num_sms blocks.
 // Fields: num_fields byte arrays src[i] [T, bytes[i]] -> dst[i] [N, bytes[i]] (bytes multiples of 4).
-// topk_idx (i64 [T, k], global ids; 0 = not sent) arrives rewritten to local ids in recv_topk_idx [N, k];
-// recv_src_idx (i32 [N]) gets source token indices; send_pos (i32 [T, R]) is written (see layout_host).
+// topk > 0: topk_idx (i64 [T, topk], global ids) travels along and arrives rewritten to local ids in
+// recv_topk_idx [N, topk]; topk = 0: no ids are sent (cached routing); every rank passes the same topk.
+// recv_src_idx (i32 [N]) gets source token indices; send_pos (i32 [T, R], preset to -1) is written (see
+// layout_host). Pointers of empty arrays may be NULL.
 DUALFLOW_API int dualflow_comm_dispatch(const dualflow_comm_sizing* sizing, const uintptr_t* peers, int rank,
                                         int64_t num_tokens, uintptr_t is_token_in_rank, uintptr_t recv_prefix,
                                         int num_fields, const uintptr_t* src, const uintptr_t* dst,
@@ -104,9 +106,9 @@ DUALFLOW_API int dualflow_comm_dispatch(const dualflow_comm_sizing* sizing, cons
                                         uint64_t timeout_ns, uintptr_t error, uintptr_t stream);
 
 // Returns rows [N, width] (elem_bytes 2: BF16, 4: FP32) to their source ranks and adds, per token, the
-// rows of every rank in ascending rank order in FP32 from +0.0 into out [T, width] (same dtype);
-// weights (f32 [N, k], 0 = none) are added the same way into out_weights [T, k]. send_pos and
-// recv_prefix come from the dispatch whose rows these are.
+// rows of every rank in ascending rank order in FP32 from +0.0 into out [T, width] (same dtype). topk > 0:
+// weights (f32 [N, topk]) are added the same way into out_weights [T, topk]; 0: no weights (every rank
+// passes the same topk). send_pos and recv_prefix come from the dispatch whose rows these are.
 DUALFLOW_API int dualflow_comm_combine(const dualflow_comm_sizing* sizing, const uintptr_t* peers, int rank,
                                        int64_t num_tokens, uintptr_t send_pos, uintptr_t recv_prefix, uintptr_t rows,
                                        int64_t width, int elem_bytes, uintptr_t weights, int topk, uintptr_t out,

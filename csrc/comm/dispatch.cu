@@ -104,21 +104,26 @@ extern "C" int dualflow_comm_dispatch(const dualflow_comm_sizing* sizing, const 
   if (rc != DUALFLOW_OK) return rc;
   DF_REQUIRE(num_fields >= 0 && num_fields <= kMaxFields && (num_fields == 0 || (src && dst && bytes)),
              "dualflow_comm_dispatch: num_fields must be in [0, %d] with src, dst and bytes arrays", kMaxFields);
+  // Pointers of empty tensors may be NULL (a rank with no tokens, or receiving none): only alignment is
+  // checked for arrays whose length the host does not know.
   for (int f = 0; f < num_fields; ++f) {
     DF_REQUIRE(bytes[f] >= 0 && bytes[f] % 4 == 0, "dualflow_comm_dispatch: field %d has %lld bytes per row, "
                "expected a multiple of 4", f, static_cast<long long>(bytes[f]));
-    DF_REQUIRE(src[f] % 16 == 0 && dst[f] % 16 == 0 && (bytes[f] == 0 || (src[f] != 0 && dst[f] != 0)),
-               "dualflow_comm_dispatch: field %d: src and dst must be non-NULL and 16-byte aligned", f);
+    DF_REQUIRE(src[f] % 16 == 0 && dst[f] % 16 == 0 && (src[f] != 0 || num_tokens == 0 || bytes[f] == 0),
+               "dualflow_comm_dispatch: field %d: src and dst must be 16-byte aligned (src non-NULL)", f);
     p.src[f] = reinterpret_cast<const uint8_t*>(src[f]);
     p.dst[f] = reinterpret_cast<uint8_t*>(dst[f]);
     p.bytes[f] = bytes[f];
   }
-  DF_REQUIRE(topk_idx == 0 || (topk >= 1 && topk <= kMaxTopk && recv_topk_idx != 0 && num_local_experts >= 1),
-             "dualflow_comm_dispatch: sending top-k ids needs 1 <= topk <= %d, recv_topk_idx and num_local_experts >= 1",
+  // topk > 0: the top-k ids travel with the rows (new routing); 0: they do not (cached routing). Every
+  // rank passes the same value, so senders and receivers agree on the message layout.
+  DF_REQUIRE(topk >= 0 && topk <= kMaxTopk && (topk == 0 || num_local_experts >= 1),
+             "dualflow_comm_dispatch: topk must be in [0, %d] (0: ids not sent), with num_local_experts >= 1",
              kMaxTopk);
-  DF_REQUIRE(is_token_in_rank != 0 && recv_prefix != 0 && recv_src_idx != 0 && send_pos != 0,
-             "dualflow_comm_dispatch: is_token_in_rank, recv_prefix, recv_src_idx and send_pos must not be NULL");
-  p.topk = topk_idx != 0 ? topk : 0;
+  DF_REQUIRE(num_tokens == 0 || (is_token_in_rank != 0 && send_pos != 0 && (topk == 0 || topk_idx != 0)),
+             "dualflow_comm_dispatch: is_token_in_rank, send_pos (and topk_idx when topk > 0) must not be NULL");
+  DF_REQUIRE(recv_prefix != 0, "dualflow_comm_dispatch: recv_prefix must not be NULL");
+  p.topk = topk;
   p.msg = dispatch_message(num_fields, bytes, p.topk);
   DF_REQUIRE(p.msg.bytes <= sizing->slot_bytes,
              "dualflow_comm_dispatch: a message of %lld bytes does not fit the %lld-byte ring slots of this buffer "

@@ -204,11 +204,12 @@ def _combine(s, width=256, elem=2, weights=FAKE, topk=4):
     (lambda s: _dispatch(s, bytes_=(510,)), "expected a multiple of 4"),
     (lambda s: _dispatch(s, bytes_=(1024, 64)), r"a message of \d+ bytes does not fit the \d+-byte ring slots"),
     (lambda s: _dispatch(s, bytes_=(4,) * 5), r"num_fields must be in \[0, 4\]"),
-    (lambda s: _dispatch(s, topk=33), r"1 <= topk <= 32"),
+    (lambda s: _dispatch(s, topk=33), r"topk must be in \[0, 32\]"),
+    (lambda s: _dispatch(s, topk_idx=0), "topk_idx when topk > 0"),
     (lambda s: _combine(s, elem=3), "elem_bytes must be 2"),
     (lambda s: _combine(s, width=4), "not a multiple of 16 bytes"),
     (lambda s: _combine(s, width=512, elem=4), "does not fit"),
-    (lambda s: _combine(s, topk=0), r"1 <= topk <= 32"),
+    (lambda s: _combine(s, topk=33), r"topk must be in \[0, 32\]"),
 ])
 def test_kernel_entry_points_validate_arguments(lib, call, message):
     with pytest.raises(_cuda.CudaLibraryError, match=message):
