@@ -25,8 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG.toml",
                         help="the job's configuration (configs/tiny_moe.toml is the CPU demo)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the run directory, if there is one")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in the run directory, if there is one")
+    start.add_argument("--fresh", action="store_true",
+                       help="start at step 0 even if the run directory holds checkpoints (they are deleted)")
     add_config_arguments(parser, TrainConfig)
 
 
@@ -63,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
         device = init_distributed().device
     log_config(cfg, cfg.train.run_dir)
+    # A worker group restarted by the launcher continues from its last checkpoint.
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     try:
-        summary = Trainer(cfg, device).train(resume=resume)
+        summary = Trainer(cfg, device).train(resume=resume, fresh=args.fresh and not resume)
+    except FileExistsError as exc:
+        print(f"dualflow train: {exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         print(f"dualflow train: {exc}", file=sys.stderr)
         return 3

@@ -48,6 +48,14 @@ class MetricsLog:
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
 
+    def start(self, step: int) -> None:
+        """Begin at ``step``: keep the records of an earlier run up to it (a resume), drop the rest."""
+        if not self.enabled:
+            return
+        old = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        self.records = [r for r in old if r.get("step", 0) <= step] if step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

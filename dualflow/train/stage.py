@@ -58,6 +58,9 @@ class _Backward:
 
     def __init__(self, record: _Record, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         self.steps = list(record.steps)
+        if self.steps:  # the output, left out of the record, is the last phase's result
+            phase, bounds, state = self.steps[-1]
+            self.steps[-1] = (phase, bounds, {**state, **{f"output{i}": t for i, t in enumerate(outputs)}})
         # id -> (tensor, gradient); the tensor is held so that its id cannot be reused meanwhile
         self.grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -178,6 +181,10 @@ class OverlappedStage(PipelineStage):
     def finish_forward(self, fwd: _Forward) -> torch.Tensor:
         out = fwd.output
         if fwd.record is not None and out.requires_grad:
+            # The record must not hold the output itself (that would keep both alive): the backward is
+            # given the output again.
+            phase, bounds, state = fwd.record.steps[-1]
+            fwd.record.steps[-1] = (phase, bounds, {k: v for k, v in state.items() if v is not out})
             key = id(out)
             # The record lives as long as the output: a backward the runtime runs itself never asks for it.
             self._records[key] = (weakref.ref(out, lambda _, k=key, d=self._records: d.pop(k, None)), fwd.record)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -173,6 +174,19 @@ class Trainer:
         self.log.info(f"resumed from {path} (step {self.step})")
         return True
 
+    def _start_fresh(self, discard: bool) -> None:
+        found = self.checkpoints.list()
+        if found and not discard:
+            raise FileExistsError(f"{self.checkpoints.root} holds checkpoints of an earlier run (latest: "
+                                  f"{found[-1].name}); pass --resume to continue it, --fresh to delete them and "
+                                  "start over, or set train.run_dir / checkpoint.dir to another directory")
+        self.topo.all_reduce([0.0])  # every rank has looked before rank 0 deletes anything
+        if found and self.topo.rank == 0:
+            for path in found:
+                shutil.rmtree(path, ignore_errors=True)
+            self.log.info(f"starting over: deleted {len(found)} checkpoint(s) of an earlier run in "
+                          f"{self.checkpoints.root}")
+
     def save(self) -> Path:
         path = self.checkpoints.save(self.step, self.state_dict())
         self.last_checkpoint = path
@@ -245,11 +259,19 @@ class Trainer:
         embed, layers, head = stage_costs(self.cfg.model, self.cfg.data.seq_len)
         return 3 * (embed + sum(layers) + head) * tokens_per_s / (peak * self.topo.cfg.world)
 
-    def train(self, resume: bool = False) -> Summary:
-        """Run to ``train.steps`` (continuing from the latest checkpoint when ``resume``)."""
+    def train(self, resume: bool = False, fresh: bool = False) -> Summary:
+        """Run to ``train.steps``.
+
+        ``resume``: continue from the latest checkpoint of the run directory, if any. Otherwise the run starts
+        at step 0, and a checkpoint directory that already holds checkpoints is refused unless ``fresh``
+        (then they are deleted): a forgotten ``--resume`` must not silently mix two runs.
+        """
         cfg = self.cfg
         if resume:
             self.resume()
+        else:
+            self._start_fresh(fresh)
+        self.log.start(self.step)
         if self.step == 0:
             self.log.info(f"model: {cfg.model.num_params() / 1e6:.2f}M parameters "
                           f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token); "

@@ -138,3 +138,33 @@ def test_killed_during_checkpoint_resumes_from_previous(tmp_path):
     resumed = run_workers(train_worker, 2, cfg, True, timeout=120)
     assert sorted(resumed[0][0]) == [3, 4, 5, 6]
     assert resumed[0][0][6] == full[0][0][6]
+
+
+def test_a_second_fresh_run_must_say_what_to_do_with_the_first(tmp_path):
+    cfg = tiny(tmp_path, train=dict(steps=2))
+    Trainer(cfg).train()
+    with pytest.raises(FileExistsError, match=r"--resume .* --fresh"):
+        Trainer(cfg).train()
+    Trainer(cfg).train(fresh=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]  # the first run's records went with its checkpoints
+
+
+def test_cli(tmp_path, capsys):
+    from dualflow.cli import main
+    from dualflow.launcher.config import save_config
+
+    path = save_config(tiny(tmp_path / "run", train=dict(steps=2)), tmp_path / "job.toml")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's exit, with the valid keys listed
+        main(["train", str(path), "--model.dimm=64"])
+    assert exit_info.value.code == 2 and "did you mean 'model.dim'" in capsys.readouterr().err
+    assert main(["train", str(path), "--model.dim=30"]) == 2
+    assert "n_heads" in capsys.readouterr().err
+    assert main(["train", str(path), "--parallel.dp=2", "--parallel.microbatches=2"]) == 2
+    assert "dualflow launch --nproc-per-node 2 -- -m dualflow train" in capsys.readouterr().err
+    assert main(["train", str(path), "--train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resolved config" in out and "step     3/3" in out and "done: step 3" in out
+    assert main(["train", str(path), "--train.steps=3"]) == 2  # checkpoints exist: --resume or --fresh
+    assert main(["train", str(path), "--train.steps=4", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
