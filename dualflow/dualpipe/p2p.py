@@ -154,13 +154,13 @@ class Transport:
 
     def send(self, message: Message, tensors: Sequence[torch.Tensor], header: bool) -> None:
         """Send ``tensors`` (with their description first when ``header``); returns without waiting."""
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         payload = []
         if header:
             ints = encode_header([TensorSpec.of(t) for t in tensors])
             payload.append(as_bytes(torch.tensor(ints, dtype=torch.int64, device=self.device)))
         payload += [as_bytes(t) for t in tensors if t.numel()]
+        if self.stream is not None:  # after the producing kernels and the copies above
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for buf in payload:
             self.sends.append((self._issue(dist.isend, buf, message.dst), buf, message))
         self._reap()

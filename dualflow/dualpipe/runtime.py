@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dualflow.dualpipe.backward import WeightFn, backward_full, backward_split
 from dualflow.dualpipe.comms import Message, Op, forward_only, programs
@@ -66,6 +66,11 @@ def _split(t: torch.Tensor, n: int, dim: int, what: str) -> tuple[torch.Tensor, 
         raise ValueError(f"{what} of shape {tuple(t.shape)} does not split into {n} micro-batches along batch_dim "
                          f"{dim} (size {size}); use a batch size divisible by {n}")
     return t.chunk(n, dim)
+
+
+def _edge(t: torch.Tensor) -> GradientEdge:
+    """Where ``t``'s gradient enters the graph; holding it instead of ``t`` lets ``t``'s memory go."""
+    return GradientEdge(t.grad_fn, t.output_nr) if t.grad_fn is not None else get_gradient_edge(t)
 
 
 class PipelineEngine(nn.Module):
@@ -138,7 +143,7 @@ class PipelineEngine(nn.Module):
                            and callable(getattr(cls, "overlapped_forward_backward", None)))
         self.transport = Transport(self.group, peers, self.device, timeout, self._describe)
         self._programs: dict[tuple[int, bool], tuple[Schedule, list[Op]]] = {}
-        self._cursor: tuple[int, list[Op], str] | None = None
+        self._state: _StepState | None = None  # the step in progress, for stall reports
         self.last_stats: StepStats | None = None
         self._steps = 0
 
@@ -192,6 +197,7 @@ class PipelineEngine(nn.Module):
         except Exception as exc:  # let the peers' stall reports say why this rank stopped
             self._publish_failure(f"{type(exc).__name__} at {self._op}: {exc}", before=False)
             raise
+        self._state = None
         if training:
             self.after_backward()
         self.last_stats = state.stats()
@@ -219,9 +225,10 @@ class PipelineEngine(nn.Module):
     @property
     def _op(self) -> str:
         """What this rank is doing, for stall reports."""
-        if self._cursor is None:
+        state = self._state
+        if state is None:
             return "no step"
-        i, program, name = self._cursor
+        i, program, name = state.cursor, state.program, state.s.name
         if i >= len(program):
             return f"the end of the step ({len(program)} ops done, waiting for sends)"
         op = program[i]
@@ -309,15 +316,18 @@ class _StepState:
         self.live = self.peak = 0
         self.compute_s = 0.0
         self.actions = 0
+        self.program: list[Op] = []
+        self.cursor = 0
         self.t0 = time.perf_counter()
 
     # ---- driver ----------------------------------------------------------------------------------
     def run(self, program: list[Op]) -> None:
         e, t = self.e, self.e.transport
         t.start_step()
-        e._cursor = (0, program, self.s.name)
+        self.program = program
+        e._state = self
         for i, op in enumerate(program):
-            e._cursor = (i, program, self.s.name)
+            self.cursor = i
             if op.what == "compute":
                 t0 = time.perf_counter()
                 with nvtx.range(str(op.step)):
@@ -329,9 +339,8 @@ class _StepState:
                 self.send(op.message)
             else:
                 self.post(op.message)
-        e._cursor = (len(program), program, self.s.name)
+        self.cursor = len(program)
         t.finish()
-        e._cursor = None
 
     def send(self, m: Message) -> None:
         tensors = self.outbox.pop((m.kind, m.stage, m.microbatch))
@@ -407,7 +416,7 @@ class _StepState:
                 chunk.loss = loss
             else:
                 diff = [o for o in outputs if o.requires_grad]
-                chunk.roots = diff if self.e.overlapped else [get_gradient_edge(o) for o in diff]
+                chunk.roots = diff if self.e.overlapped else [_edge(o) for o in diff]
                 chunk.grad_specs = tuple(TensorSpec(tuple(o.shape), o.dtype, False) for o in diff)
             self.chunks[(a.stage, a.microbatch)] = chunk
             self.live += 1
@@ -549,7 +558,7 @@ class DualPipe(PipelineEngine):
         mine = [list(m.parameters()) for m in self.module]            # stage r, stage P-1-r
         theirs = [mine[1], mine[0]]                                   # the mirror holds them swapped
         send = [self._flat(ps) for ps in mine]
-        recv = [torch.empty_like(t) for t in send]
+        recv = [torch.empty_like(send[1]), torch.empty_like(send[0])]  # the mirror's stages come swapped
         peer = self.transport.peers[mirror]
         ops = [dist.P2POp(dist.isend, t, peer, self.group) for t in send] + \
               [dist.P2POp(dist.irecv, t, peer, self.group) for t in recv]
@@ -563,11 +572,12 @@ class DualPipe(PipelineEngine):
                 offset += n
                 p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
-    @staticmethod
-    def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    def _flat(self, params: list[torch.Tensor]) -> torch.Tensor:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        if not params:
+            return torch.zeros(0, dtype=dtype, device=self.device)
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                          for p in params]) if params else torch.zeros(0)
+                          for p in params])
 
 
 class DualPipeV(PipelineEngine):

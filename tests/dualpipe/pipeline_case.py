@@ -28,11 +28,11 @@ class Block(nn.Module):
 
     ep_group = None
 
-    def __init__(self, d: int, tuple_io: bool = False) -> None:
+    def __init__(self, d: int, tuple_io: bool = False, width: int = 3) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.up = nn.Linear(d, 3 * d)
-        self.down = nn.Linear(3 * d, d)
+        self.up = nn.Linear(d, width * d)
+        self.down = nn.Linear(width * d, d)
         self.tuple_io = tuple_io
 
     def forward(self, x: torch.Tensor, *extra: torch.Tensor):
@@ -156,7 +156,7 @@ class Case:
                  block: str = "block", tuple_io: bool = False, checkpoint: bool = False, reduction: str = "sum",
                  forward_only: bool = False, return_outputs: bool = False, group=None, group_ranks=None,
                  reverse_mapping: bool = False, lr: float = 0.1, seq_lens: tuple[int, ...] = (3,), seed: int = 0,
-                 timeout: float = 60, ep_group=None) -> None:
+                 timeout: float = 60, ep_group=None, device: str = "cpu", uneven: bool = False) -> None:
         pp_world, pp_rank, mapping = world, rank, None
         if group_ranks is not None:
             pp_world, pp_rank = len(group_ranks), group_ranks.index(rank)
@@ -166,7 +166,9 @@ class Case:
         cls = BLOCKS[block]
         s = generate(kind, pp_world, num_chunks)
         torch.manual_seed(seed)
-        self.full = nn.ModuleList(cls(d, tuple_io) for _ in range(s.num_model_stages))
+        self.device = torch.device(device)
+        widths = [2 + i if uneven else 3 for i in range(s.num_model_stages)]  # stages of different sizes
+        self.full = nn.ModuleList(cls(d, tuple_io, w) for w in widths).to(self.device)
         local = [copy.deepcopy(self.full[s.topology.position[st]]) for st in s.stages_of(pp_rank)]
         for m in local:
             m.ep_group = ep_group  # only the pipeline's copies talk to the expert-parallel group
@@ -186,6 +188,7 @@ class Case:
         torch.manual_seed(100 * self.seed + it)
         seq = self.seq_lens[it % len(self.seq_lens)]  # shapes may change from step to step
         x, lab = torch.randn(N * mb, seq, self.d), torch.randn(N * mb, seq, self.d)
+        x, lab = x.to(self.device), lab.to(self.device)
         offsets = [sum(s.microbatches[:c]) for c in range(len(s.chains))]
         inputs, labels, mine = None, (), None   # inputs entering here, labels of micro-batches leaving here
         for c, stages in enumerate(s.chains):

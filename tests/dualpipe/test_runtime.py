@@ -61,7 +61,7 @@ def test_mixed_dtype_tuples_fp8_forward_only_and_variable_shapes():
 
 
 def test_optimizer_steps_keep_matching():
-    cases = [("dualpipe", 8, {"steps": 3, "seq_lens": (3, 2, 4)}), ("dualpipev", 9, {"steps": 3})]
+    cases = [("dualpipe", 8, {"steps": 3, "seq_lens": (3, 2, 4), "uneven": True}), ("dualpipev", 9, {"steps": 3})]
     results = _run(4, cases)
     assert results[0][0]["loss_changed"] and results[0][1]["loss_changed"]
 
