@@ -8,6 +8,12 @@ STAMP         := .make
 PYTEST_ARGS   ?=
 
 export PYTHON DUALFLOW_CUDA
+# NVLink multicast stays off in everything started from here (it can take a shared host's GPUs out of
+# service); a value set by the user is kept.
+NCCL_NVLS_ENABLE ?= 0
+TORCH_SYMM_MEM_DISABLE_MULTICAST ?= 1
+NVSHMEM_DISABLE_NVLS ?= 1
+export NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS
 
 .PHONY: train test test-gpu deps sysdeps build lint bench clean
 
