@@ -219,6 +219,37 @@ def test_too_small_a_workspace_is_an_error():
                    torch.cuda.current_stream().cuda_stream)
 
 
+def test_cuda_graph_capture_replays_on_new_data():
+    def operands(seed):
+        a, sa = quantize_1x128(_data(384, 512, seed, True))
+        b, sb = quantize_128x128(_data(256, 512, seed + 1, True))
+        bw, sbw = quantize_1x128(_data(256, 512, seed + 2, True))
+        _, be, sbe = _experts(3, 256, 512, seed + 3, True)
+        return a, sa, b, sb, bw, sbw, be, sbe
+
+    offsets = torch.tensor([0, 100, 100, 384], dtype=torch.int32, device="cuda")
+
+    def run(a, sa, b, sb, bw, sbw, be, sbe):
+        return (cl.gemm_fwd(a, sa, b, sb), cl.gemm_wgrad(a, sa, bw, sbw),
+                cl.grouped_gemm_contiguous(a, sa, be, sbe, offsets))
+
+    inputs = operands(50)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(*inputs)  # first calls outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(*inputs)
+    fresh = operands(60)
+    for dst, src in zip(inputs, fresh, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    for got, want in zip(captured, run(*fresh), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_fp8_linear_on_the_cutlass_backend_matches_the_reference_backend():
     torch.manual_seed(0)
     layers = {name: Fp8Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16,
