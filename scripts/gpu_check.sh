@@ -35,7 +35,7 @@ for stage in $STAGES; do
       fi ;;
     tests)
       if [ "$NGPU" -ge 2 ]; then marks="gpu or multigpu"; else marks="gpu and not multigpu"; fi
-      step tests $PY -m pytest tests -m "$marks" -q -rs --timeout 600 ;;
+      step tests $PY -m pytest tests -m "$marks" -q -rs --timeout 600 --continue-on-collection-errors ;;
     fp8)
       step fp8_gemm $PY benchmarks/fp8_gemm.py --json "$OUTDIR/bench.jsonl"
       step fp8_quant $PY benchmarks/fp8_quant.py --json "$OUTDIR/bench.jsonl" ;;
