@@ -23,13 +23,13 @@ autograd backward the runtime runs for a non-overlapped B.
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dualflow.train.model import Phase, Stage, State
 from dualflow.utils import nvtx
@@ -40,11 +40,17 @@ def _differentiable(v: Any) -> bool:
 
 
 class _Record:
-    """One micro-batch's forward: per phase, its (boundary -> source) inputs and its output state."""
+    """One micro-batch's forward: per phase, its (boundary -> source) inputs and its output state.
+
+    The stage output itself is not held (its memory goes when the runtime drops it), only where its
+    gradient enters the graph (``output``).
+    """
 
     def __init__(self, x: torch.Tensor) -> None:
         self.input = x  # the stage input: a leaf when the stage before it is elsewhere (or on another chunk)
         self.steps: list[tuple[Phase, list[tuple[torch.Tensor, torch.Tensor]], State]] = []
+        self.output: GradientEdge | None = None
+        self.hook: Any = None
 
 
 class _Backward:
@@ -56,16 +62,12 @@ class _Backward:
     autograd's AccumulateGrad does for one backward.
     """
 
-    def __init__(self, record: _Record, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    def __init__(self, record: _Record, grad: torch.Tensor) -> None:
         self.steps = list(record.steps)
-        if self.steps:  # the output, left out of the record, is the last phase's result
-            phase, bounds, state = self.steps[-1]
-            self.steps[-1] = (phase, bounds, {**state, **{f"output{i}": t for i, t in enumerate(outputs)}})
+        self.final: tuple[GradientEdge, torch.Tensor] | None = (record.output, grad)  # the last phase's output
         # id -> (tensor, gradient); the tensor is held so that its id cannot be reused meanwhile
         self.grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t, g in zip(outputs, grads):
-            self._add(self.grads, t, g)
         self.inputs = [record.input] if _differentiable(record.input) else []
 
     @staticmethod
@@ -82,7 +84,12 @@ class _Backward:
     def run_next(self) -> None:
         phase, bounds, out = self.steps.pop()
         ins = [b for b, _ in bounds]
-        outs, gouts, through = [], [], {}
+        outs: list = []
+        gouts, through = [], {}
+        if self.final is not None:
+            outs.append(self.final[0])
+            gouts.append(self.final[1])
+            self.final = None
         for t in out.values():
             if not _differentiable(t) or id(t) not in self.grads:
                 continue  # not differentiable, or read by nothing downstream
@@ -166,8 +173,9 @@ class OverlappedStage(PipelineStage):
 
     def __init__(self, stage: Stage) -> None:
         super().__init__(stage)
-        self._records: dict[int, tuple[weakref.ref, _Record]] = {}
+        self._records: dict[Any, _Record] = {}  # by the autograd node that produced the output
         self.comm_stream: Any = None  # on CUDA, set by the engine: where communication phases run
+        self.interleaved = self.fallbacks = 0  # F&B pairs run phase by phase / with autograd's backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fwd = self.start_forward(x)
@@ -180,38 +188,36 @@ class OverlappedStage(PipelineStage):
 
     def finish_forward(self, fwd: _Forward) -> torch.Tensor:
         out = fwd.output
-        if fwd.record is not None and out.requires_grad:
-            # The record must not hold the output itself (that would keep both alive): the backward is
-            # given the output again.
-            phase, bounds, state = fwd.record.steps[-1]
-            fwd.record.steps[-1] = (phase, bounds, {k: v for k, v in state.items() if v is not out})
-            key = id(out)
-            # The record lives as long as the output: a backward the runtime runs itself never asks for it.
-            self._records[key] = (weakref.ref(out, lambda _, k=key, d=self._records: d.pop(k, None)), fwd.record)
+        record = fwd.record
+        if record is not None and out.requires_grad:
+            phase, bounds, state = record.steps[-1]
+            record.steps[-1] = (phase, bounds, {k: v for k, v in state.items() if v is not out})
+            record.output = get_gradient_edge(out)
+            node = record.output.node
+            records = self._records
+
+            def drop(_grads: Any, node: Any = node) -> None:
+                # autograd reached the output: the runtime runs this backward itself, the record is not needed
+                records.pop(node, None)
+
+            record.hook = node.register_prehook(drop)
+            records[node] = record
         return out
 
-    def _take_record(self, output: torch.Tensor) -> _Record | None:
-        entry = self._records.get(id(output))
-        if entry is None or entry[0]() is not output:
-            return None
-        del self._records[id(output)]
-        return entry[1]
+    def _take_record(self, node: Any) -> _Record | None:
+        record = self._records.pop(node, None)
+        if record is not None:
+            record.hook.remove()
+        return record
 
-    def _output_under(self, loss: torch.Tensor, depth: int = 8) -> torch.Tensor | None:
-        """The recorded output that ``loss`` was computed from (a short walk up the loss's graph)."""
-        outputs = {}
-        for ref, _ in self._records.values():
-            out = ref()
-            if out is not None and out.grad_fn is not None:
-                outputs[out.grad_fn] = out
+    def _record_under(self, loss: torch.Tensor, depth: int = 8) -> _Record | None:
+        """The record of the output that ``loss`` was computed from (a short walk up the loss's graph)."""
         frontier = [loss.grad_fn]
         for _ in range(depth):
-            nxt = []
             for node in frontier:
-                if node in outputs:
-                    return outputs[node]
-                nxt += [c for c, _ in (node.next_functions if node is not None else ()) if c is not None]
-            frontier = nxt
+                if node in self._records:
+                    return self._take_record(node)
+            frontier = [c for node in frontier if node is not None for c, _ in node.next_functions if c is not None]
         return None
 
     @classmethod
@@ -233,21 +239,25 @@ class OverlappedStage(PipelineStage):
         the gradients of micro-batch 1's stage input land in its ``.grad``. Returns (outputs0, loss0).
         """
         if loss1 is not None:
-            found = module1._output_under(loss1)
-            outputs1 = [found] if found is not None else []
-            output_grads1 = list(torch.autograd.grad(loss1, outputs1)) if outputs1 else []
-        outputs1 = list(outputs1 or ())
-        record = module1._take_record(outputs1[0]) if len(outputs1) == 1 else None
+            record = module1._record_under(loss1)
+            grad = torch.autograd.grad(loss1, record.output)[0] if record is not None else None
+        else:
+            outputs1, output_grads1 = list(outputs1 or ()), list(output_grads1 or ())
+            single = len(outputs1) == 1 and outputs1[0].grad_fn is not None
+            record = module1._take_record(outputs1[0].grad_fn) if single else None
+            grad = output_grads1[0] if record is not None else None
         fwd = module0.start_forward(*inputs0)
         if record is None:  # not recorded phase by phase: forward, then autograd's own backward
+            module1.fallbacks += 1
             while fwd.peek() is not None:
                 fwd.run_next()
-            if loss1 is not None and not outputs1:
+            if loss1 is not None:
                 loss1.backward()
             else:
-                torch.autograd.backward(outputs1, list(output_grads1))
+                torch.autograd.backward(outputs1, output_grads1)
         else:
-            bwd = _Backward(record, outputs1, list(output_grads1))
+            module1.interleaved += 1
+            bwd = _Backward(record, grad)
             _interleave(fwd, bwd, module0.comm_stream)
             bwd.finish()
         outputs0 = [module0.finish_forward(fwd)]

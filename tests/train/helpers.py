@@ -48,3 +48,13 @@ def train_worker_params(rank, world, cfg):
     summary = trainer.train()
     state = {k: v.clone() for s in trainer.stages for k, v in s.state_dict().items()}
     return summary.losses, state
+
+
+def train_worker_overlap_counts(rank, world, cfg):
+    """Like :func:`train_worker`, plus how many F&B pairs ran phase by phase / fell back, on this rank."""
+    from dualflow.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    modules = trainer.engine.modules
+    return summary.losses, sum(m.interleaved for m in modules), sum(m.fallbacks for m in modules)

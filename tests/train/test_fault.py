@@ -16,7 +16,7 @@ from tests.dist import run_workers
 from tests.train.helpers import tiny, train_worker
 
 ROOT = Path(__file__).resolve().parents[2]
-PARALLEL = dict(pp=1, dp=2, microbatches=2)
+PARALLEL = dict(pp=2, dp=1, microbatches=4)  # rank 1 is the second pipeline rank (DualPipeV)
 
 
 def _final_losses(run_dir: Path) -> dict[int, float]:
