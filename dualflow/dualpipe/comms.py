@@ -3,8 +3,10 @@
 A forward whose next stage lives on another rank is followed by ``SEND_F`` on its rank and preceded,
 on the consumer's rank, by ``RECV_F``; a backward (B or I) whose previous stage lives elsewhere is
 followed by ``SEND_B`` and its consumer's B/I preceded by ``RECV_B``. SEND names the sending stage,
-RECV the receiving stage, as in torch.distributed.pipelining. Messages between two ranks form one
-ordered channel per direction; a receiver must take them in the order the sender sends them.
+RECV the receiving stage, as in torch.distributed.pipelining. Messages form channels (sender, receiver,
+activations or gradients); backends match the messages between two ranks in order, so lists that post
+each receive just before its use must take each channel's messages in the order they were sent, which
+the validator checks. :func:`programs` gives the order the runtime issues them in.
 """
 
 from __future__ import annotations

@@ -483,7 +483,7 @@ class _StepState:
             self.grads_in[(p, a.microbatch)] = grads
         else:
             self.outbox[("B", a.stage, a.microbatch)] = grads
-        chunk.inputs = tuple(x.detach() for x in chunk.inputs)  # the graph keeps what it needs
+        chunk.inputs = ()  # the graph keeps what W still needs
 
     def release(self) -> None:
         self.live -= 1

@@ -5,8 +5,8 @@ Checks, in order, each failing with a :class:`ScheduleError` that names the firs
 1. every step is placed on the rank of its stage, with a micro-batch that exists;
 2. each (stage, micro-batch) runs F once, then either one B or one I followed by one W, on its rank;
 3. sends and receives match: on each channel (activations or gradients, one direction between two
-   ranks; the runtime gives each its own FIFO) the receiver takes the same messages in the same order
-   as the sender sends them;
+   ranks) the receiver takes the same messages in the same order as the sender sends them, as backends
+   that match messages in order need when each receive is posted just before its use;
 4. the ranks can all finish with receives that block until the matching send has run and sends that
    do not block (the runtime's non-blocking sends): executing the lists finds any circular wait and
    reports the ranks and actions in it. Cross-rank dependency order is checked on the way: a compute
