@@ -81,7 +81,8 @@ class _Backward:
     def peek(self) -> str | None:
         return self.steps[-1][0].kind if self.steps else None
 
-    def run_next(self) -> None:
+    def run_next(self) -> list[torch.Tensor]:
+        """Run the next phase's backward; return the gradients it produced (the caller may fence them)."""
         phase, bounds, out = self.steps.pop()
         ins = [b for b, _ in bounds]
         outs: list = []
@@ -110,6 +111,7 @@ class _Backward:
             self._add(self.grads, src, g)
         for p, g in zip(params, got[len(ins):]):
             self._add(self.param_grads, p, g)
+        return [g for g in got if g is not None]
 
     def finish(self) -> None:
         """Accumulate parameter gradients, and the stage inputs' gradients into their ``.grad`` (leaves)."""
@@ -138,7 +140,8 @@ class _Forward:
     def peek(self) -> str | None:
         return self.phases[0].kind if self.phases else None
 
-    def run_next(self) -> None:
+    def run_next(self) -> list[torch.Tensor]:
+        """Run the next phase; return the tensors of its output state."""
         phase = self.phases.popleft()
         bounds = []
         inp = dict(self.state)
@@ -151,6 +154,7 @@ class _Forward:
             self.state = phase.fn(inp)
         if self.record is not None:
             self.record.steps.append((phase, bounds, self.state))
+        return [v for v in self.state.values() if isinstance(v, torch.Tensor)]
 
     @property
     def output(self) -> torch.Tensor:
@@ -279,7 +283,7 @@ def _interleave(fwd: _Forward, bwd: _Backward, comm_stream: Any) -> None:
             bwd.run_next()
 
 
-def _overlap(comm: Callable[[], None], compute: Callable[[], None] | None, stream: Any) -> None:
+def _overlap(comm: Callable[[], list[torch.Tensor]], compute: Callable[[], object] | None, stream: Any) -> None:
     """Run ``comm`` (on ``stream`` when given, a CUDA side stream) and ``compute`` on the current stream."""
     if stream is None:
         comm()
@@ -289,7 +293,9 @@ def _overlap(comm: Callable[[], None], compute: Callable[[], None] | None, strea
     current = torch.cuda.current_stream()
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
-        comm()
+        produced = comm()
     if compute is not None:
         compute()
     current.wait_stream(stream)
+    for t in produced:  # made on the side stream, used and freed on this one: keep the allocator from reusing it early
+        t.record_stream(current)
