@@ -168,3 +168,12 @@ def test_cli(tmp_path, capsys):
     assert main(["train", str(path), "--train.steps=3"]) == 2  # checkpoints exist: --resume or --fresh
     assert main(["train", str(path), "--train.steps=4", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dualflow.train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--parallel.schedule" in out.stdout and "--resume" in out.stdout
