@@ -34,6 +34,7 @@ from dualflow.fp8 import (
     fp8_grouped_gemm,
     quantize_1x128,
     quantize_128x128,
+    resolve_backend,
     torch_scaled,
 )
 from dualflow.utils.logging import print_rank0
@@ -125,11 +126,9 @@ def _grouped_rows(bench: Bench, groups: int, rows: int, n: int, k: int, backends
                   lambda name=name: fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=name), exact)
 
 
-def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backend: str) -> None:
+def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backends: list[str]) -> None:
     dev = bench.device
     ref = nn.Linear(d_in, d_out, bias=False, device=dev, dtype=torch.bfloat16)
-    fp8 = Fp8Linear(d_in, d_out, bias=False, device=dev, dtype=torch.bfloat16, recipe=Fp8Recipe(backend=backend))
-    fp8.load_state_dict(ref.state_dict())
     x = torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, d_out, device=dev, dtype=torch.bfloat16)
     exact = x.detach().double() @ ref.weight.detach().double().T
@@ -144,8 +143,13 @@ def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backend: str)
 
     shape, flops = f"{tokens}x{d_out}x{d_in}", 3 * 2.0 * tokens * d_in * d_out
     bench.row(shape, "linear fwd+bwd", "nn.Linear bf16", flops, step(ref), exact, graph=False)
-    bench.row(shape, "linear fwd+bwd", f"Fp8Linear ({backend})", flops, step(fp8), exact,
-              "quantization included; weight cached", graph=False)
+    for backend in backends:
+        fp8 = Fp8Linear(d_in, d_out, bias=False, device=dev, dtype=torch.bfloat16,
+                        recipe=Fp8Recipe(backend=backend))
+        fp8.load_state_dict(ref.state_dict())
+        label = f"{backend}: {resolve_backend(backend, dev)}" if backend == "auto" else backend
+        bench.row(shape, "linear fwd+bwd", f"Fp8Linear ({label})", flops, step(fp8), exact,
+                  "quantization included; weight cached", graph=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             _gemm_rows(bench, m, n, k, backends, rowwise=True)
         _grouped_rows(bench, *(SMOKE_GROUPED if args.smoke else GROUPED),
                       [b for b in backends if available_backends(device, "contiguous")[b] is None])
-    _linear_rows(bench, *(SMOKE_LINEAR if args.smoke else LINEAR), backends[0])
+    _linear_rows(bench, *(SMOKE_LINEAR if args.smoke else LINEAR), ["auto", *backends])
     bench.table.print()
     for impl, why in bench.unavailable.items():
         print_rank0(f"{impl}: {why}")

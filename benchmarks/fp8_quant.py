@@ -8,6 +8,8 @@ quantizer's GB/s over the copy's, i.e. how close it runs to the memory bandwidth
 Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 18432 expert input) and a
 weight (7168 x 16384, 128x128 blocks). On a GPU every row times CUDA graph replays (as fp8_gemm.py
 does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes on whatever device there is.
+``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (columns per program, warps) for
+the 128x1 and fused layouts, the tuning behind the defaults.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "reference on a CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +88,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
                      graphs=not args.eager and device.type == "cuda")
+    if args.sweep:
+        sweep = _sweep(activations[-1] if args.smoke else (16384, 7168), device, timed, copy_gbs)
+        sweep.print()
+        if args.json:
+            write_record(args.json, "fp8_quant_sweep", sweep.rows, smoke=args.smoke, repeat=repeat)
     return 0
+
+
+def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) -> Table:
+    from dualflow.fp8.kernels.quant import quantize as kernel
+
+    r, c = shape
+    x = torch.randn(r, c, device=device, dtype=torch.bfloat16)
+    if shape not in copy_gbs:
+        y = torch.empty_like(x)
+        copy_gbs[shape] = 2 * x.nbytes / timed(lambda: y.copy_(x)) / 1e9
+    table = Table(["layout", "tile_c", "warps", "ms", "GB/s", "of copy"],
+                  title=f"Triton quantizer launch sweep, {r}x{c}")
+    for layout, name, tiles in (("128x1", "quantize_128x1", (32, 64, 128)),
+                                ("1x128+128x1", "quantize_1x128_and_128x1", (128,))):
+        moved = x.nbytes + _out_bytes(name, r, c)
+        for tile_c in tiles:
+            for warps in (2, 4, 8, 16):
+                t = timed(lambda tile_c=tile_c, warps=warps, fused=layout != "128x1": kernel(
+                    x, rowwise=fused, colwise=True, blockwise=False, pow2_scales=False, tile_c=tile_c,
+                    num_warps=warps))
+                gbs = moved / t / 1e9
+                table.add(layout=layout, tile_c=tile_c, warps=warps, ms=t * 1e3,
+                          **{"GB/s": gbs, "of copy": gbs / copy_gbs[shape]})
+    return table
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ the only block-scaled path on the CPU), ``triton``, ``torch`` (torch's block-sca
 sm90 with cuBLASLt >= 12.9; dense only) and ``cutlass`` (``dualflow.fp8.cutlass``; dense and contiguous
 grouped). A single name is strict: it raises :class:`BackendUnavailable` with the reason when it cannot
 run. A comma-separated list (``"cutlass,triton"``) takes the first entry that can. ``"auto"`` is the
-value of the environment variable ``DUALFLOW_FP8_BACKEND`` when set, else ``triton,torch,reference`` for
-CUDA tensors and ``reference`` otherwise: CUTLASS comes first only when a setting asks for it
-(``DUALFLOW_FP8_BACKEND=cutlass,triton`` or ``Fp8Recipe(backend="cutlass,triton")``).
+value of the environment variable ``DUALFLOW_FP8_BACKEND`` when set, else ``AUTO_CUDA`` for CUDA tensors
+and ``reference`` otherwise. ``AUTO_CUDA`` is the order measured fastest on an H100 (benchmarks/RESULTS.md):
+torch's cuBLASLt block-scaled matmul for the dense GEMMs, then CUTLASS (within 0-16% of it, and the
+fastest grouped GEMM, which torch lacks), then Triton (about half their throughput).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dualflow.utils import nvtx
 ENV_BACKEND = "DUALFLOW_FP8_BACKEND"
 EXPERT_ALIGNMENT = 128
 BACKENDS = ("reference", "triton", "torch", "cutlass")
+AUTO_CUDA = "torch,cutlass,triton,reference"
 OPS = ("dense", "contiguous", "masked")
 
 BBlock = Literal["auto", "128x128", "1x128"]
@@ -211,7 +213,7 @@ def _why_not(name: str, device: torch.device, op: str) -> str | None:
 def _parse(spec: str, device: torch.device) -> list[str]:
     if spec == "auto":
         spec = os.environ.get(ENV_BACKEND, "").strip() or \
-            ("triton,torch,reference" if device.type == "cuda" else "reference")
+            (AUTO_CUDA if device.type == "cuda" else "reference")
         if spec == "auto":
             raise ValueError(f"{ENV_BACKEND}=auto would refer to itself; name backends from {BACKENDS}")
     names = [s.strip() for s in spec.split(",") if s.strip()]

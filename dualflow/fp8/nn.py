@@ -9,9 +9,11 @@ All three GEMMs of a linear layer run in FP8 with FP32 accumulation (DeepSeek-V3
 The forward quantizes ``x`` once into both layouts and keeps only the 128x1 one (FP8 + scales, about half
 of ``x`` in BF16) for the weight gradient. The FP8 copy of the weight (and its transpose, made at the
 first backward) is cached per module and rebuilt when the weight changes: the cache key holds the
-parameter's version counter, which every in-place update (``optimizer.step()``, ``copy_``) advances, and
-its storage, so all micro-batches of one optimizer step share one quantization. ``invalidate_fp8_cache()``
-(or :func:`invalidate_fp8_caches` on a model) drops it explicitly.
+parameter's version counter, which in-place updates (``copy_``, foreach optimizers) advance, its storage,
+and the number of ``torch.optim`` steps taken in the process, because fused optimizers (``fused=True``)
+update parameters without advancing their version counters. All micro-batches of one optimizer step
+share one quantization. ``invalidate_fp8_cache()`` (or :func:`invalidate_fp8_caches` on a model) drops it
+explicitly, for weights changed by other means under ``torch.no_grad()`` that bypass both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
 from dualflow.fp8.quant import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
@@ -43,6 +46,28 @@ class _Fp8Weight:
         return self._t
 
 
+class _OptimizerSteps:
+    """Counts ``torch.optim`` steps taken in this process (a global post-step hook, registered once).
+
+    The one piece of process-wide state of the FP8 layers, and deliberately so: an optimizer step is the
+    only event that reveals a fused optimizer's update. Another model's optimizer stepping costs at most
+    one extra quantization of a weight that did not change; it never serves a stale one.
+    """
+
+    count = 0
+    handle = None
+
+    @classmethod
+    def current(cls) -> int:
+        if cls.handle is None:
+            cls.handle = register_optimizer_step_post_hook(cls._bump)
+        return cls.count
+
+    @classmethod
+    def _bump(cls, *_args) -> None:
+        cls.count += 1
+
+
 class Fp8WeightCache:
     """The FP8 copy of one weight, remade only when the weight's version, storage or recipe changes."""
 
@@ -52,8 +77,8 @@ class Fp8WeightCache:
         self.builds = 0  # how many times a quantization was made (what the tests and users can check)
 
     def get(self, weight: torch.Tensor, recipe: Fp8Recipe) -> _Fp8Weight:
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
-               recipe.pow2_scales, recipe.quant_backend)
+        key = (weight._version, _OptimizerSteps.current(), weight.data_ptr(), weight.device, weight.dtype,
+               tuple(weight.shape), recipe.pow2_scales, recipe.quant_backend)
         if key != self._key:
             with torch.no_grad():
                 w = weight.detach()

@@ -54,7 +54,10 @@ def round_scale_up_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 def scale_from_amax(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
     """``max(amax, 1e-4) / 448`` in FP32 (NaN propagates), optionally rounded up to a power of two."""
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # Divide by a tensor, not by a Python number: on CUDA, torch turns division by a scalar into a
+    # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return round_scale_up_pow2(scale) if pow2_scales else scale
 
 
@@ -70,7 +73,8 @@ def _reference(x: torch.Tensor, tile_rows: int, pow2_scales: bool) -> Quantized:
     xp = F.pad(x.float(), (0, pad_c, 0, pad_r))
     tiles = xp.view((rows + pad_r) // tile_rows, tile_rows, (cols + pad_c) // BLOCK, BLOCK)
     scale = scale_from_amax(tiles.abs().amax(dim=(1, 3)), pow2_scales)
-    q = cast_to_fp8(tiles * torch.reciprocal(scale)[:, None, :, None])
+    inv = torch.ones_like(scale) / scale  # correctly rounded on every device, like the kernel's div_rn
+    q = cast_to_fp8(tiles * inv[:, None, :, None])
     return q.view(rows + pad_r, cols + pad_c)[:rows, :cols].contiguous(), scale
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dualflow.fp8 import dequantize
+
 KINDS = ("normal", "zero_tiles", "at_clamp", "near_448", "subnormal", "huge_tiny", "nonfinite")
 
 
@@ -83,3 +85,27 @@ def scaled_randn(rows: int, cols: int, seed: int) -> torch.Tensor:
     mag = mag.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
     row_mag = 2.0 ** torch.randint(-4, 5, (rows, 1), generator=g).float()  # and between rows
     return torch.randn(rows, cols, generator=g) * mag * row_mag
+
+
+def assert_agrees(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor) -> None:
+    """``|got - want| <= 2 ulp(got.dtype) |want| + 2^-10 magnitude`` elementwise, NaN/Inf in the same places.
+
+    What a tensor-core FP8 GEMM can promise against the reference backend: the reference sums each
+    128-wide K block exactly in FP32, Hopper's FP8 MMA adds the products of a block in a
+    limited-precision accumulator (about 14 bits, DeepSeek-V3 section 3.3) before the FP32 promotion.
+    ``magnitude`` is ``|A| @ |B|^T`` of the dequantized operands (:func:`magnitude`): a scale taken from
+    a wrong block or a lost promotion is off by whole multiples of it.
+    """
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[got.dtype]
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), "non-finite outputs differ in position"
+    g, w, mag = got.double()[finite], want.double()[finite], magnitude.double()[finite]
+    excess = (g - w).abs() - (2 * ulp * w.abs() + 2.0**-10 * mag)
+    assert not bool((excess > 0).any()), (
+        f"{int((excess > 0).sum())} of {g.numel()} outputs off; worst at {int(excess.argmax())}: "
+        f"{g[excess.argmax()].item()} vs {w[excess.argmax()].item()} (magnitude {mag[excess.argmax()].item()})")
+
+
+def magnitude(a, sa, a_rows, b, sb, b_rows) -> torch.Tensor:
+    """``|A| @ |B|^T`` in float64 of the dequantized operands: the size of what entered each output."""
+    return dequantize(a, sa, a_rows).abs().double() @ dequantize(b, sb, b_rows).abs().double().T

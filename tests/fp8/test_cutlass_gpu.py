@@ -19,7 +19,6 @@ from dualflow import _cuda
 from dualflow.fp8 import (
     Fp8Linear,
     Fp8Recipe,
-    dequantize,
     fp8_gemm,
     fp8_grouped_gemm,
     quantize_1x128,
@@ -27,7 +26,7 @@ from dualflow.fp8 import (
     quantize_128x128,
 )
 from dualflow.fp8 import cutlass as cl
-from tests.fp8.helpers import gemm_error, scaled_randn
+from tests.fp8.helpers import assert_agrees, gemm_error, magnitude, scaled_randn
 
 pytestmark = pytest.mark.gpu
 REF = "reference"
@@ -52,22 +51,6 @@ def _data(rows: int, cols: int, seed: int, adversarial: bool) -> torch.Tensor:
     return x.cuda()
 
 
-def assert_agrees(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor) -> None:
-    """``|got - want| <= 2 ulp(got.dtype) |want| + 2^-10 magnitude`` elementwise (see the module doc)."""
-    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[got.dtype]
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got), finite), "non-finite outputs differ in position"
-    g, w, mag = got.double()[finite], want.double()[finite], magnitude.double()[finite]
-    excess = (g - w).abs() - (2 * ulp * w.abs() + 2.0**-10 * mag)
-    assert not bool((excess > 0).any()), (
-        f"{int((excess > 0).sum())} of {g.numel()} outputs off; worst at {int(excess.argmax())}: "
-        f"{g[excess.argmax()].item()} vs {w[excess.argmax()].item()} (magnitude {mag[excess.argmax()].item()})")
-
-
-def _magnitude(a, sa, a_rows, b, sb, b_rows) -> torch.Tensor:
-    return dequantize(a, sa, a_rows).abs().double() @ dequantize(b, sb, b_rows).abs().double().T
-
-
 # ----------------------------------------------------------------------------------------------------------
 # forward / input gradient
 # ----------------------------------------------------------------------------------------------------------
@@ -80,19 +63,22 @@ def test_fwd(config, m, n, k):
         b, sb = quantize_128x128(w)
         got = cl.gemm_fwd(a, sa, b, sb, config=config)
         assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-        assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
+        assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), magnitude(a, sa, 1, b, sb, 128))
         if not adversarial:
             assert gemm_error(got, x.double() @ w.double().T) < 1e-3
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_fwd_wider_outputs_run_on_the_weight_gradient_kernel(out_dtype):
-    x, w = _data(300, 384, 3, True), _data(520, 384, 4, True)
+    # FP16 overflows at 65504: the adversarial data (magnitudes up to 1e4) would make the comparison one
+    # of overflow positions, decided by the last bits of sums above the range, not of the kernel
+    adversarial = out_dtype != torch.float16
+    x, w = _data(300, 384, 3, adversarial), _data(520, 384, 4, adversarial)
     a, sa = quantize_1x128(x)
     b, sb = quantize_128x128(w)
     got = cl.gemm_fwd(a, sa, b, sb, out_dtype)
     assert got.dtype == out_dtype
-    assert_agrees(got, fp8_gemm(a, sa, b, sb, out_dtype, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, out_dtype, backend=REF), magnitude(a, sa, 1, b, sb, 128))
     with pytest.raises(ValueError, match="cannot run a wgrad GEMM"):
         cl.gemm_fwd(a, sa, b, sb, out_dtype, config="fwd_128x128")
 
@@ -131,7 +117,7 @@ def test_non_finite_tiles_stay_non_finite():
     b, sb = quantize_128x128(_data(256, 512, 10, False))
     got = cl.gemm_fwd(a, sa, b, sb)
     assert not torch.isfinite(got[[3, 130]]).any() and torch.isfinite(got[:3]).all()
-    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128).nan_to_num())
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), magnitude(a, sa, 1, b, sb, 128).nan_to_num())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,14 +130,14 @@ def test_wgrad_with_the_engines_128x1_operands(tokens, d_in, d_out):
     b, sb = quantize_128x1(x)   # x.T  [d_in, tokens]
     got = cl.gemm_wgrad(a, sa, b, sb)
     assert got.dtype == torch.float32 and got.shape == (d_out, d_in)
-    magnitude = _magnitude(a, sa, 1, b, sb, 1)
-    assert_agrees(got, fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), magnitude)
+    mag = magnitude(a, sa, 1, b, sb, 1)
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), mag)
     assert gemm_error(got, dy.double().T @ x.double()) < 1e-3
     # accumulation adds in FP32; without it a NaN-filled buffer is fully overwritten (C is not read)
     start = torch.randn(d_out, d_in, device="cuda") * got.abs().mean()
     acc = start.clone()
     assert cl.gemm_wgrad(a, sa, b, sb, out=acc, accumulate=True) is acc
-    assert_agrees(acc, start + fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), magnitude + start.abs())
+    assert_agrees(acc, start + fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), mag + start.abs())
     poisoned = torch.full((d_out, d_in), float("nan"), device="cuda")
     assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)
 
@@ -160,7 +146,7 @@ def test_wgrad_adversarial_magnitudes():
     a, sa = quantize_1x128(_data(256, 640, 13, True))
     b, sb = quantize_1x128(_data(136, 640, 14, True))
     assert_agrees(cl.gemm_wgrad(a, sa, b, sb), fp8_gemm(a, sa, b, sb, torch.float32, backend=REF),
-                  _magnitude(a, sa, 1, b, sb, 1))
+                  magnitude(a, sa, 1, b, sb, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +173,7 @@ def test_grouped(config, sizes, index_dtype):
         for g, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
             if hi == lo:
                 continue
-            assert_agrees(got[lo:hi], want[lo:hi], _magnitude(a[lo:hi], sa[lo:hi], 1, b[g], sb[g], 128))
+            assert_agrees(got[lo:hi], want[lo:hi], magnitude(a[lo:hi], sa[lo:hi], 1, b[g], sb[g], 128))
             if not adversarial:
                 assert gemm_error(got[lo:hi], x[lo:hi].double() @ w[g].double().T) < 1e-3
 
@@ -275,4 +261,4 @@ def test_operands_on_another_device_than_the_current_one():
     with torch.cuda.device(0):
         got = cl.gemm_fwd(a, sa, b, sb)
     assert got.device == torch.device("cuda:1")
-    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), _magnitude(a, sa, 1, b, sb, 128))
+    assert_agrees(got, fp8_gemm(a, sa, b, sb, backend=REF), magnitude(a, sa, 1, b, sb, 128))

@@ -105,7 +105,7 @@ def test_weight_is_quantized_once_per_optimizer_step():
     assert fp8.fp8_cache.builds == 3
 
 
-@pytest.mark.parametrize("change", ["sgd_foreach", "copy_", "data", "invalidate"])
+@pytest.mark.parametrize("change", ["sgd_foreach", "adamw_fused", "copy_", "data", "invalidate"])
 def test_every_weight_change_invalidates_the_cache(change):
     _, fp8 = _pair(dtype=torch.float32)
     x = torch.randn(16, 256)
@@ -115,6 +115,11 @@ def test_every_weight_change_invalidates_the_cache(change):
     if change == "sgd_foreach":
         before.sum().backward()
         torch.optim.SGD(fp8.parameters(), lr=1.0, foreach=True).step()
+    elif change == "adamw_fused":  # updates parameters without advancing their version counters
+        before.sum().backward()
+        version = fp8.weight._version
+        torch.optim.AdamW(fp8.parameters(), lr=1.0, fused=True).step()
+        assert fp8.weight._version == version
     elif change == "copy_":
         with torch.no_grad():
             fp8.weight.copy_(torch.randn_like(fp8.weight))

@@ -42,11 +42,13 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
                   q_ptr, s_ptr, sqr, ssr,
                   qt_ptr, st_ptr, sqtr, sstr,
                   ROWWISE: tl.constexpr, COLWISE: tl.constexpr, BLOCKWISE: tl.constexpr, POW2: tl.constexpr,
-                  TILE: tl.constexpr):
+                  TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    # A program covers TILE_R x TILE_C of x. Every scale group must lie inside one program: 1x128 needs
+    # TILE_C == 128, 128x1 needs TILE_R == 128 (its columns may be split), 128x128 both.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r * TILE + tl.arange(0, TILE)
-    cols = pid_c * TILE + tl.arange(0, TILE)
+    rows = pid_r * TILE_R + tl.arange(0, TILE_R)
+    cols = pid_c * TILE_C + tl.arange(0, TILE_C)
     in_r = rows < R
     in_c = cols < C
     mask = in_r[:, None] & in_c[None, :]
@@ -55,15 +57,16 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
     x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
     nan = (x != x).to(tl.int32)
-    one = tl.full((TILE,), 1.0, tl.float32)
+    one_r = tl.full((TILE_R,), 1.0, tl.float32)
+    one_c = tl.full((TILE_C,), 1.0, tl.float32)
     if ROWWISE:  # 1x128: one scale per row of the tile
         scale = _scale(tl.max(ax, axis=1), tl.max(nan, axis=1) > 0, POW2)
-        q = _to_fp8(x * tl.math.div_rn(one, scale)[:, None])
+        q = _to_fp8(x * tl.math.div_rn(one_r, scale)[:, None])
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
         tl.store(s_ptr + rows64 * ssr + pid_c, scale, mask=in_r)
     if COLWISE:  # 128x1: one scale per column, written transposed ([C, R])
         scale = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
-        q = _to_fp8(x * tl.math.div_rn(one, scale)[None, :])
+        q = _to_fp8(x * tl.math.div_rn(one_c, scale)[None, :])
         mask_t = in_c[:, None] & in_r[None, :]
         tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=mask_t)
         tl.store(st_ptr + cols64 * sstr + pid_r, scale, mask=in_c)
@@ -76,8 +79,14 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
 
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool,
-             pow2_scales: bool) -> tuple[torch.Tensor | None, ...]:
-    """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for."""
+             pow2_scales: bool, tile_c: int | None = None, num_warps: int = 8) -> tuple[torch.Tensor | None, ...]:
+    """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
+
+    ``tile_c`` (columns per program) may be below 128 only for the 128x1 layout alone.
+    """
+    tile_c = tile_c or BLOCK
+    if tile_c != BLOCK and (rowwise or blockwise):
+        raise ValueError(f"tile_c={tile_c}: the 1x128 and 128x128 layouts need 128 columns per program")
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
     q = s = qt = st = None
@@ -91,12 +100,12 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool,
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
-    _quant_kernel[(rb, cb)](
+    _quant_kernel[(rb, triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
         first, first_s, cols, first_s.stride(0),
         qt if qt is not None else first, st if st is not None else first_s, rows,
         st.stride(0) if st is not None else 0,
-        ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE=BLOCK,
-        num_warps=8,
+        ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE_R=BLOCK, TILE_C=tile_c,
+        num_warps=num_warps,
     )
     return q, s, qt, st
