@@ -39,19 +39,25 @@ def _edge(root: Root) -> GradientEdge:
     return root if isinstance(root, GradientEdge) else get_gradient_edge(root)
 
 
+def _live(roots: Sequence[Root], grads: Sequence[torch.Tensor | None]) -> list[tuple[Root, torch.Tensor]]:
+    """The (root, gradient) pairs that lead anywhere: a gradient was given and the root is in a graph."""
+    return [(r, g) for r, g in zip(roots, grads)
+            if g is not None and (isinstance(r, GradientEdge) or r.requires_grad)]
+
+
 def backward_full(roots: Sequence[Root], grads: Sequence[torch.Tensor | None],
                   inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """B: accumulate the parameter gradients and return the gradients of ``inputs`` (None where unused)."""
-    pairs = [(_edge(r), g) for r, g in zip(roots, grads) if g is not None]
+    pairs = _live(roots, grads)
     if pairs:
-        torch.autograd.backward([e for e, _ in pairs], [g for _, g in pairs])
+        torch.autograd.backward([_edge(r) for r, _ in pairs], [g for _, g in pairs])
     return [t.grad if t.requires_grad else None for t in inputs]
 
 
 def backward_split(roots: Sequence[Root], grads: Sequence[torch.Tensor | None],
                    inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor | None], WeightFn]:
     """I now, W later: returns the gradients of ``inputs`` and a function that accumulates the weight gradients."""
-    pairs = [(r, g) for r, g in zip(roots, grads) if g is not None]
+    pairs = _live(roots, grads)
     diff = [t for t in inputs if t.requires_grad]
     if not pairs:
         return [None] * len(inputs), _nothing

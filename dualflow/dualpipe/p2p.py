@@ -106,11 +106,8 @@ class Transport:
         self.deadline = float("inf")
 
     # ---- host-side waiting with a deadline -----------------------------------------------------
-    def start_step(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
-
     def progress(self) -> None:
-        """Call after useful work: the stall deadline counts from the last progress."""
+        """Call at the start of a step and after useful work: the stall deadline counts from the last progress."""
         self.deadline = time.monotonic() + self.timeout
 
     def _host_wait(self, work, what: str) -> None:

@@ -323,7 +323,7 @@ class _StepState:
     # ---- driver ----------------------------------------------------------------------------------
     def run(self, program: list[Op]) -> None:
         e, t = self.e, self.e.transport
-        t.start_step()
+        t.progress()
         self.program = program
         e._state = self
         for i, op in enumerate(program):
@@ -438,8 +438,8 @@ class _StepState:
         for i, o in enumerate(outputs):
             if o.numel() and o.untyped_storage().data_ptr() in storages:
                 raise ValueError(f"stage {a.stage} output {i} is a view of (or the same tensor as) one of its inputs; "
-                                 "stage outputs must own their memory (the runtime sends and frees them per "
-                                 "micro-batch): return a new tensor, e.g. x.clone()")
+                                 "stage outputs must own their memory (the runtime sends them and hands received "
+                                 "buffers to autograd per micro-batch): return a new tensor, e.g. x.clone()")
         return outputs
 
     # ---- backward --------------------------------------------------------------------------------
