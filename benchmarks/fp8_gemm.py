@@ -152,6 +152,27 @@ def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backends: lis
                   "quantization included; weight cached", graph=False)
 
 
+def _profile_linear(device: torch.device, tokens: int, d_in: int, d_out: int) -> None:
+    """Where an Fp8Linear step's device time goes: torch.profiler's kernel table for 5 steps."""
+    fp8 = Fp8Linear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        fp8(x).backward(dy)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            fp8(x).backward(dy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print_rank0(f"Fp8Linear {tokens}x{d_out}x{d_in} forward+backward x5 ({resolve_backend('auto', device)}):")
+    print_rank0(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few runs (seconds on a CPU)")
@@ -160,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "reference on a GPU; the reference on a CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the kernels of one Fp8Linear forward+backward (auto backend), by device time")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         _grouped_rows(bench, *(SMOKE_GROUPED if args.smoke else GROUPED),
                       [b for b in backends if available_backends(device, "contiguous")[b] is None])
     _linear_rows(bench, *(SMOKE_LINEAR if args.smoke else LINEAR), ["auto", *backends])
+    if args.profile:
+        _profile_linear(device, *(SMOKE_LINEAR if args.smoke else LINEAR))
     bench.table.print()
     for impl, why in bench.unavailable.items():
         print_rank0(f"{impl}: {why}")

@@ -9,7 +9,7 @@ Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 184
 weight (7168 x 16384, 128x128 blocks). On a GPU every row times CUDA graph replays (as fp8_gemm.py
 does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes on whatever device there is.
 ``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (columns per program, warps) for
-the 128x1 and fused layouts, the tuning behind the defaults.
+every layout: the tuning behind ``dualflow.fp8.kernels.quant.launch_settings``.
 """
 
 from __future__ import annotations
@@ -106,13 +106,16 @@ def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) 
         copy_gbs[shape] = 2 * x.nbytes / timed(lambda: y.copy_(x)) / 1e9
     table = Table(["layout", "tile_c", "warps", "ms", "GB/s", "of copy"],
                   title=f"Triton quantizer launch sweep, {r}x{c}")
-    for layout, name, tiles in (("128x1", "quantize_128x1", (32, 64, 128)),
-                                ("1x128+128x1", "quantize_1x128_and_128x1", (128,))):
+    layouts = (("1x128", "quantize_1x128", (128,), (True, False, False)),
+               ("128x1", "quantize_128x1", (32, 64, 128), (False, True, False)),
+               ("1x128+128x1", "quantize_1x128_and_128x1", (128,), (True, True, False)),
+               ("128x128", "quantize_128x128", (128,), (False, False, True)))
+    for layout, name, tiles, (rowwise, colwise, blockwise) in layouts:
         moved = x.nbytes + _out_bytes(name, r, c)
         for tile_c in tiles:
             for warps in (2, 4, 8, 16):
-                t = timed(lambda tile_c=tile_c, warps=warps, fused=layout != "128x1": kernel(
-                    x, rowwise=fused, colwise=True, blockwise=False, pow2_scales=False, tile_c=tile_c,
+                t = timed(lambda tile_c=tile_c, warps=warps, m=(rowwise, colwise, blockwise): kernel(
+                    x, rowwise=m[0], colwise=m[1], blockwise=m[2], pow2_scales=False, tile_c=tile_c,
                     num_warps=warps))
                 gbs = moved / t / 1e9
                 table.add(layout=layout, tile_c=tile_c, warps=warps, ms=t * 1e3,

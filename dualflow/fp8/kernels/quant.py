@@ -78,13 +78,29 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
         tl.store(s_ptr + pid_r * ssr + pid_c, scale)
 
 
-def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool,
-             pow2_scales: bool, tile_c: int | None = None, num_warps: int = 8) -> tuple[torch.Tensor | None, ...]:
+def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
+    """(columns per program, warps) measured fastest on an H100 (``fp8_quant.py --sweep``, RESULTS.md).
+
+    The 128x1 layout alone runs narrow programs with few warps (64 columns, 2 warps: 87% of the copy
+    bandwidth, against 46% for 128 columns and 8 warps, which hold 128 registers per thread at 25%
+    occupancy); the fused layouts need whole 128x128 tiles and run best with 4 warps.
+    """
+    if colwise and not rowwise:
+        return 64, 2
+    if colwise:
+        return BLOCK, 4
+    return BLOCK, 8
+
+
+def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
+             tile_c: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
-    ``tile_c`` (columns per program) may be below 128 only for the 128x1 layout alone.
+    ``tile_c`` (columns per program, 128 unless the 128x1 layout is alone) and ``num_warps`` default to
+    :func:`launch_settings`.
     """
-    tile_c = tile_c or BLOCK
+    default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
+    tile_c, num_warps = tile_c or default_c, num_warps or default_warps
     if tile_c != BLOCK and (rowwise or blockwise):
         raise ValueError(f"tile_c={tile_c}: the 1x128 and 128x128 layouts need 128 columns per program")
     rows, cols = x.shape
