@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed"])
+# sympy (through symbolic_shapes) is imported by the first backward with explicit gradients: preloading
+# it once saves every worker 1-3 s
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes"])
 
 # Set in each worker: the file its progress lines go to.
 _PROGRESS_FILE: Path | None = None
@@ -84,7 +86,10 @@ def _entry(fn, rank, world, args, kwargs, port, workdir, backend, timeout, env) 
         payload = pickle.dumps(result)
     except Exception as exc:
         payload = pickle.dumps(("error", f"result of rank {rank} is not picklable: {exc}"))
-    (workdir / f"result-{rank}.pkl").write_bytes(payload)
+    # written under another name and renamed: the parent polls for this file and must never read half of it
+    tmp = workdir / f".result-{rank}.pkl.tmp"
+    tmp.write_bytes(payload)
+    os.replace(tmp, workdir / f"result-{rank}.pkl")
     # Destroying the group waits for peers: skip it on error so a failed rank does not hang the others.
     if backend and result[0] == "ok":
         try:

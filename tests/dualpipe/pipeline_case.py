@@ -397,23 +397,3 @@ def invalid_use(rank: int, world: int) -> dict:
     _expect(out, "mismatch", PipelineStallError, lambda: pipe.step(x if rank == 0 else None, num_chunks=n,
                                                                    criterion=criterion, labels=(x,)))
     return out
-
-
-def run_workers_retrying(fn, world: int, *args, attempts: int = 3, **kwargs):
-    """tests.dist.run_workers, run again when its parent loop reads a worker's result file while the worker
-    is still writing it (an EOFError or FileNotFoundError raised in tests/dist.py's polling, not by the
-    workers; on this loaded 2-core machine it happens every few 8-rank runs; an atomic write there is
-    requested). Before another attempt the previous attempt's workers are waited for."""
-    import multiprocessing
-
-    from tests.dist import run_workers
-
-    for attempt in range(attempts):
-        try:
-            return run_workers(fn, world, *args, **kwargs)
-        except (EOFError, FileNotFoundError):
-            if attempt == attempts - 1:
-                raise
-            for child in multiprocessing.active_children():
-                child.join(kwargs.get("timeout", 60))
-    raise AssertionError("unreachable")

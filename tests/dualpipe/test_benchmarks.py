@@ -28,9 +28,9 @@ def _pipeline_smoke(rank: int, world: int) -> list[dict]:
 
 
 def test_pipeline_benchmark_smoke():
-    from tests.dualpipe.pipeline_case import run_workers_retrying
+    from tests.dist import run_workers
 
-    rows = run_workers_retrying(_pipeline_smoke, 2, timeout=240)[0]
+    rows = run_workers(_pipeline_smoke, 2, timeout=240)[0]
     got = {(r["workload"], r["runtime"], r["schedule"]) for r in rows}
     for workload in ("tiny", "timed"):
         for runtime, kind in [("dualflow", k) for k in ("dualpipe", "dualpipev", "1f1b", "zb1p")] + \

@@ -10,12 +10,12 @@ import re
 
 import pytest
 
+from tests.dist import run_workers
 from tests.dualpipe.pipeline_case import (
     check_many,
     expert_parallel_pipelines,
     invalid_use,
     run_many,
-    run_workers_retrying,
     two_pipelines_in_one_process,
 )
 
@@ -23,7 +23,7 @@ TIMEOUT = 240
 
 
 def _run(world: int, cases: list) -> list[list[dict]]:
-    results = run_workers_retrying(run_many, world, cases, timeout=TIMEOUT)
+    results = run_workers(run_many, world, cases, timeout=TIMEOUT)
     check_many(results, cases)
     return results
 
@@ -82,14 +82,14 @@ def test_engine_runs_every_schedule_kind_on_the_same_stages():
 
 def test_subgroup_pipelines_with_rank_mapping():
     """Two pipelines over subgroups of a 4-rank world, pipeline ranks mapped in reverse."""
-    results = run_workers_retrying(run_many, 4, [("dualpipe", 4, {"group_ranks": [0, 2], "reverse_mapping": True}),
+    results = run_workers(run_many, 4, [("dualpipe", 4, {"group_ranks": [0, 2], "reverse_mapping": True}),
                                         ("dualpipev", 5, {"group_ranks": [1, 3]})], timeout=TIMEOUT)
     check_many(results, ["dualpipe on [0, 2]", "dualpipev on [1, 3]"])
     assert results[0][1].get("skipped") and not results[1][1].get("skipped")
 
 
 def test_expert_parallel_collectives_inside_stages_of_subgroup_pipelines():
-    results = run_workers_retrying(expert_parallel_pipelines, 4, timeout=TIMEOUT)
+    results = run_workers(expert_parallel_pipelines, 4, timeout=TIMEOUT)
     check_many(results, ["dualpipev", "dualpipe"])
     assert all(r[1]["hook_calls"] > 0 for r in results)
     assert [r[0]["has_loss"] for r in results] == [False, False, True, True]  # reversed mapping: rank 0 of the
@@ -97,13 +97,13 @@ def test_expert_parallel_collectives_inside_stages_of_subgroup_pipelines():
 
 
 def test_two_pipelines_in_one_process():
-    results = run_workers_retrying(two_pipelines_in_one_process, 2, timeout=TIMEOUT)
+    results = run_workers(two_pipelines_in_one_process, 2, timeout=TIMEOUT)
     check_many(results, ["dualpipev", "dualpipe with a split_backward hook"])
     assert all(r[1]["hook_calls"] > 0 for r in results)
 
 
 def test_invalid_use_raises_and_stalls_are_reported():
-    results = run_workers_retrying(invalid_use, 3, timeout=TIMEOUT)
+    results = run_workers(invalid_use, 3, timeout=TIMEOUT)
     expected = {
         "odd_ranks": r"ValueError: DualPipe needs an even number of ranks .* got 3; use 2 or 4 ranks, or DualPipeV",
         "module_count": r"ValueError: pipeline rank \d of a dualpipev schedule holds 2 stages .* but 1 modules",
