@@ -170,6 +170,7 @@ class Trainer:
         torch.set_rng_state(state[f"rng.cpu.rank{self.topo.rank}"])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(state[f"rng.cuda.rank{self.topo.rank}"], self.device)
+        self._weights_changed()
         self.last_checkpoint, self.resumed_from = path, self.step
         self.log.info(f"resumed from {path} (step {self.step})")
         return True
@@ -204,6 +205,15 @@ class Trainer:
             stage.train()
         total, count = self.topo.all_reduce([total, float(count)])
         return total / count
+
+    def _weights_changed(self) -> None:
+        """Drop the FP8 copies of the weights. The optimizer's in-place update already invalidates them; a
+        ZeRO-1 broadcast or a checkpoint load writes through other views, so say it explicitly."""
+        if self.cfg.train.fp8:
+            from dualflow.fp8 import invalidate_fp8_caches
+
+            for stage in self.stages:
+                invalidate_fp8_caches(stage)
 
     def _check_finite(self, local_loss: float, loss: float) -> None:
         if math.isfinite(loss):
@@ -241,6 +251,7 @@ class Trainer:
         lr = learning_rate(self.step, cfg.train.steps, cfg.optim)
         self.optimizer.step(lr)
         broadcast_owned(self.params, self.owners, topo)
+        self._weights_changed()
         for p in self.params.values():
             p.grad = None
         balance = self._update_balance()
