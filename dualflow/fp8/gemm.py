@@ -35,6 +35,7 @@ fastest grouped GEMM, which torch lacks), then Triton (about half their throughp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import itertools
 import os
@@ -203,6 +204,13 @@ _REGISTRY: dict[str, _Backend] = {
 
 
 def _why_not(name: str, device: torch.device, op: str) -> str | None:
+    return _why_not_cached(name, device, op, os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _why_not_cached(name: str, device: torch.device, op: str, _interpret: str) -> str | None:
+    # asked on every GEMM call: a backend's availability on a device does not change while the process
+    # runs (the key holds the one environment variable it depends on)
     entry = _REGISTRY[name]
     if getattr(entry, op) is None:
         ops = [o for o in OPS if getattr(entry, o) is not None]
@@ -211,9 +219,13 @@ def _why_not(name: str, device: torch.device, op: str) -> str | None:
 
 
 def _parse(spec: str, device: torch.device) -> list[str]:
+    return list(_parse_cached(spec, device.type, os.environ.get(ENV_BACKEND, "")))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(spec: str, device_type: str, _env: str) -> tuple[str, ...]:
     if spec == "auto":
-        spec = os.environ.get(ENV_BACKEND, "").strip() or \
-            (AUTO_CUDA if device.type == "cuda" else "reference")
+        spec = _env.strip() or (AUTO_CUDA if device_type == "cuda" else "reference")
         if spec == "auto":
             raise ValueError(f"{ENV_BACKEND}=auto would refer to itself; name backends from {BACKENDS}")
     names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -221,7 +233,7 @@ def _parse(spec: str, device: torch.device) -> list[str]:
     if not names or unknown:
         raise ValueError(f"unknown FP8 GEMM backend {spec!r}: expected 'auto', one of {BACKENDS} or a "
                          "comma-separated list of them (first usable wins)")
-    return names
+    return tuple(names)
 
 
 def _candidates(backend: str, device: torch.device, op: str):

@@ -89,14 +89,21 @@ def _probe(device_index: int, rowwise: bool, out_dtype: torch.dtype):
 def unavailable_reason(device: torch.device, rowwise: bool = False,
                        out_dtype: torch.dtype = torch.bfloat16) -> str | None:
     """None when torch's block-scaled matmul runs on ``device``; otherwise why not."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _unavailable_reason(device, rowwise, out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _unavailable_reason(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -> str | None:
+    # asked on every GEMM call; the answer for a device never changes within a process
     if device.type != "cuda":
         return (f"torch's block-scaled matmul needs a CUDA sm90 GPU with cuBLASLt >= 12.9; tensors are on "
                 f"{device.type}, where torch {torch.__version__} accepts only tensor-wise and row-wise scales")
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
         return f"torch's block-scaled matmul runs on sm90 only; this GPU is sm{major}{minor}"
-    name, detail = _probe(device.index if device.index is not None else torch.cuda.current_device(),
-                          rowwise, out_dtype)
+    name, detail = _probe(device.index, rowwise, out_dtype)
     return None if name is not None else f"torch {torch.__version__} rejected every scale layout tried ({detail})"
 
 

@@ -21,6 +21,14 @@ from dualflow.fp8 import (
 from dualflow.fp8 import gemm as gemm_mod
 from tests.fp8.helpers import gemm_error, scaled_randn
 
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_availability():
+    # availability is cached per process; these tests swap the CUTLASS module in and out
+    gemm_mod._why_not_cached.cache_clear()
+    yield
+    gemm_mod._why_not_cached.cache_clear()
+
 REF = "reference"
 
 
