@@ -108,7 +108,7 @@ def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) 
                   title=f"Triton quantizer launch sweep, {r}x{c}")
     layouts = (("1x128", "quantize_1x128", (128,), (True, False, False)),
                ("128x1", "quantize_128x1", (32, 64, 128), (False, True, False)),
-               ("1x128+128x1", "quantize_1x128_and_128x1", (32, 64, 128), (True, True, False)),
+               ("1x128+128x1", "quantize_1x128_and_128x1", (128,), (True, True, False)),
                ("128x128", "quantize_128x128", (128,), (False, False, True)))
     for layout, name, tiles, (rowwise, colwise, blockwise) in layouts:
         moved = x.nbytes + _out_bytes(name, r, c)

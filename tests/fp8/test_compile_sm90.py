@@ -44,13 +44,13 @@ def _quantizer() -> dict:
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32"}
     hinted = ["x_ptr", "q_ptr", "qt_ptr", "R", "C", "sxr"]
     report = {}
-    for name, fn, flags in (
-        ("single", quant._quant_kernel,
-         {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": True, "POW2": True, "TILE_R": 128, "TILE_C": 128}),
-        ("fused", quant._quant_both_kernel, {"POW2": True, "SUB": 64}),
+    for name, flags in (
+        ("fused", {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True, "TILE_R": 128, "TILE_C": 128}),
+        ("blockwise", {"ROWWISE": False, "COLWISE": False, "BLOCKWISE": True, "POW2": True, "TILE_R": 128,
+                       "TILE_C": 128}),
     ):
         signature = {n: ptrs.get(n, "i32") for n in order} | {k: "constexpr" for k in flags}
-        ptx = _compile(fn, signature, flags, hinted, num_warps=4).asm["ptx"]
+        ptx = _compile(quant._quant_kernel, signature, flags, hinted, num_warps=4).asm["ptx"]
         report[name] = {"div_rn": "div.rn.f32" in ptx, "satfinite": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
                         "approximate": any(s in ptx for s in ("div.full", "div.approx", "rcp.approx"))}
     return report
@@ -89,7 +89,7 @@ def compiled() -> dict:
     return result
 
 
-@pytest.mark.parametrize("kernel", ["single", "fused"])
+@pytest.mark.parametrize("kernel", ["fused", "blockwise"])
 def test_quantizer_uses_exact_division_and_saturating_round_to_nearest_even(compiled, kernel):
     ptx = compiled["quant"][kernel]
     assert ptx["div_rn"], "1/scale and amax/448 must be correctly rounded divisions"

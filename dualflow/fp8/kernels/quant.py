@@ -78,52 +78,14 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
         tl.store(s_ptr + pid_r * ssr + pid_c, scale)
 
 
-@triton.jit
-def _quant_both_kernel(x_ptr, R, C, sxr, sxc, q_ptr, s_ptr, sqr, ssr, qt_ptr, st_ptr, sqtr, sstr,
-                       POW2: tl.constexpr, SUB: tl.constexpr):
-    """1x128 and 128x1 of one 128x128 tile, in column slices of SUB so that a slice, not the tile, is
-    what lives in registers: pass 1 quantizes each slice 128x1 and gathers the row amax, pass 2 reads the
-    slices again (from L2) and quantizes them 1x128 with the finished row scales."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * 128 + tl.arange(0, 128)
-    in_r = rows < R
-    rows64 = rows.to(tl.int64)
-    row_amax = tl.zeros((128,), tl.float32)
-    row_nan = tl.zeros((128,), tl.int32)
-    one_c = tl.full((SUB,), 1.0, tl.float32)
-    for h in tl.static_range(128 // SUB):
-        cols = pid_c * 128 + h * SUB + tl.arange(0, SUB)
-        in_c = cols < C
-        cols64 = cols.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=in_r[:, None] & in_c[None, :],
-                    other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        nan = (x != x).to(tl.int32)
-        row_amax = tl.maximum(row_amax, tl.max(ax, axis=1))  # NaN is tracked apart: see _scale
-        row_nan = tl.maximum(row_nan, tl.max(nan, axis=1))
-        scale = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
-        q = _to_fp8(x * tl.math.div_rn(one_c, scale)[None, :])
-        tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=in_c[:, None] & in_r[None, :])
-        tl.store(st_ptr + cols64 * sstr + pid_r, scale, mask=in_c)
-    scale = _scale(row_amax, row_nan > 0, POW2)
-    inv = tl.math.div_rn(tl.full((128,), 1.0, tl.float32), scale)
-    tl.store(s_ptr + rows64 * ssr + pid_c, scale, mask=in_r)
-    for h in tl.static_range(128 // SUB):
-        cols = pid_c * 128 + h * SUB + tl.arange(0, SUB)
-        in_c = cols < C
-        cols64 = cols.to(tl.int64)
-        mask = in_r[:, None] & in_c[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], _to_fp8(x * inv[:, None]), mask=mask)
-
-
 def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
     """(columns per program, warps) measured fastest on an H100 (``fp8_quant.py --sweep``, RESULTS.md).
 
     The 128x1 layout alone runs narrow programs with few warps (64 columns, 2 warps: 87% of the copy
     bandwidth, against 46% for 128 columns and 8 warps, which hold 128 registers per thread at 25%
-    occupancy); the fused layouts need whole 128x128 tiles and run best with 4 warps.
+    occupancy); the fused layouts need whole 128x128 tiles and run best with 4 warps (55% of the copy;
+    the tile's 128 registers per thread cap the occupancy at 12-25%; a variant holding only 64-column
+    slices and re-reading them from L2 for the 1x128 pass measured slower, 45%).
     """
     if colwise and not rowwise:
         return 64, 2
@@ -136,14 +98,12 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
              tile_c: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
-    ``tile_c`` (columns per program for the 128x1 layout alone; the width of the column slices of the
-    fused 1x128 + 128x1 kernel) and ``num_warps`` default to :func:`launch_settings`.
+    ``tile_c`` (columns per program, 128 unless the 128x1 layout is alone) and ``num_warps`` default to
+    :func:`launch_settings`.
     """
     default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
     tile_c, num_warps = tile_c or default_c, num_warps or default_warps
-    if BLOCK % tile_c:
-        raise ValueError(f"tile_c must divide {BLOCK}, got {tile_c}")
-    if tile_c != BLOCK and (blockwise or (rowwise and not colwise)):
+    if tile_c != BLOCK and (rowwise or blockwise):
         raise ValueError(f"tile_c={tile_c}: the 1x128 and 128x128 layouts need 128 columns per program")
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
@@ -155,11 +115,6 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
         st = torch.empty(cols, rb, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return q, s, qt, st
-    if rowwise and colwise:  # tile_c is then the width of the column slices
-        _quant_both_kernel[(rb, cb)](x, rows, cols, x.stride(0), x.stride(1), q, s, cols, s.stride(0),
-                                     qt, st, rows, st.stride(0), POW2=pow2_scales, SUB=tile_c,
-                                     num_warps=num_warps)
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
