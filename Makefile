@@ -51,10 +51,10 @@ test: deps sysdeps build lint
 test-gpu: deps build
 	$(PYTHON) -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
 
+# The embedded default: 4 gloo processes on a CPU (2 pipeline stages x 2 expert-parallel ranks), a few
+# hundred steps on the standard library's sources; configs/gpu*.toml for GPUs (README).
 train: $(STAMP)/python-run
-	$(PYTHON) -m dualflow info
-	@echo "make train: the training job is not part of this version yet; 'dualflow info' above is the"
-	@echo "            smallest end-to-end check that exists."
+	$(PYTHON) -m dualflow launch --nproc-per-node 4 --log-dir runs/tiny_moe/logs -- -m dualflow train configs/tiny_moe.toml --fresh
 
 bench: deps build
 	$(PYTHON) -m dualflow bench

@@ -9,17 +9,12 @@ rank 0 and the second half at the last rank, each computing the loss of the othe
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from dualflow.dualpipe import DualPipe, DualPipeV
 from dualflow.dualpipe import PipelineEngine as Runtime
 from dualflow.train.model import Stage, cross_entropy
 from dualflow.train.parallel import ParallelConfig, Topology
 from dualflow.train.stage import OverlappedStage, PipelineStage
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 class PipelineEngine:
@@ -35,11 +30,8 @@ class PipelineEngine:
         self.cfg, self.topo, self.scale = cfg, topo, loss_scale
         if cfg.schedule == "dualpipev":
             self.runtime: Runtime = DualPipeV(tuple(self.modules), process_group=topo.pp_group)
-        elif cfg.schedule == "dualpipe":
-            # The copies' gradients are summed here (_sum_mirrored_stages), not by the runtime: its
-            # DualPipe.sum_duplicated_grads sizes the receive buffers by this rank's stages in this rank's
-            # order, which breaks when the two stages differ in size (reported upstream).
-            self.runtime = DualPipe(tuple(self.modules), process_group=topo.pp_group, sum_duplicated_grads=False)
+        elif cfg.schedule == "dualpipe":  # the runtime sums the gradients of the two copies of each stage
+            self.runtime = DualPipe(tuple(self.modules), process_group=topo.pp_group)
         else:
             self.runtime = Runtime(self.modules, cfg.schedule, process_group=topo.pp_group)
 
@@ -72,33 +64,7 @@ class PipelineEngine:
         return total, len(raw)
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        out = self._run(inputs, labels)
-        if self.cfg.schedule == "dualpipe":
-            self._sum_mirrored_stages()
-        return out
-
-    @torch.no_grad()
-    def _sum_mirrored_stages(self) -> None:
-        """DualPipe: add the gradients of this rank's stages r and P-1-r to those of their copies on rank P-1-r.
-
-        Both copies end up with ``mine + theirs``, the same bits on both sides (addition commutes).
-        """
-        ranks = dist.get_process_group_ranks(self.topo.pp_group)
-        peer = ranks[self.cfg.pp - 1 - self.topo.pp_rank]
-        mine = [list(m.parameters()) for m in self.modules]  # stage r, stage P-1-r
-        send = [torch.cat([_grad(p).reshape(-1) for p in ps]) for ps in mine]
-        # the peer sends its stage P-1-r (our second) first and its stage r (our first) second
-        recv = [torch.empty_like(send[1]), torch.empty_like(send[0])]
-        ops = [dist.P2POp(dist.isend, t, peer, self.topo.pp_group) for t in send] + \
-              [dist.P2POp(dist.irecv, t, peer, self.topo.pp_group) for t in recv]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        for params, flat in zip((mine[1], mine[0]), recv):
-            offset = 0
-            for p in params:
-                g = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        return self._run(inputs, labels)
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
