@@ -12,16 +12,19 @@ from torch.distributed import run as torchrun
 
 from dualflow.cli import main as dualflow_main
 from dualflow.launcher import LauncherError, plan_launch
+from dualflow.launcher.env import RECOMMENDED
 from tests.dist import free_port
 from tests.launcher.helpers import DUALFLOW, JOB, check_reports, clean_env, run, start, wait
 
 
 @pytest.fixture
 def plain_env(monkeypatch):
-    """This process's environment without any launcher's variables, as on a plain machine."""
+    """This process's environment without any launcher's variables or the launcher's set-if-unset
+    recommendations (`make test` itself exports some of them), as on a plain machine."""
     keep = clean_env()
+    recommended = {name for names, _ in RECOMMENDED for name in names}
     for key in list(os.environ):
-        if key not in keep:
+        if key not in keep or key in recommended:
             monkeypatch.delenv(key)
     return monkeypatch
 
