@@ -28,7 +28,10 @@ import torch.nn.functional as F
 
 
 def _m_major(s: torch.Tensor) -> torch.Tensor:
-    return s.t().contiguous().t()
+    # strides exactly (1, rows): torch checks them literally, and ``s.t().contiguous().t()`` keeps a
+    # one-row tensor's strides as they were (a size-1 dimension counts as contiguous either way)
+    rows, cols = s.shape
+    return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=s.dtype, device=s.device).copy_(s)
 
 
 def _prepare_v2(a, a_s, b, b_s, out_dtype, rowwise, pad):
@@ -124,10 +127,36 @@ def prepare(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tens
                                  "use the triton or reference backend for this shape")
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     _, make = _probe(index, rowwise, out_dtype)
-    return make(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
+    m = a.shape[0]
+    if m % 4 == 0:
+        return make(a.contiguous(), a_s, b.contiguous(), b_s, out_dtype, rowwise)
+    # cuBLASLt (12.9-13.0, H100) answers NOT_SUPPORTED for a row count that is not a multiple of 4 (the
+    # M-major scale rows must be 16-byte aligned); expert GEMMs see any count, so pad with zero rows
+    # (zero data, zero scales) and return the first M rows of the result: a copy of A instead of the
+    # slower backends
+    pad = -m % 4
+    a4 = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+    s4 = torch.cat([a_s, a_s.new_zeros(pad, a_s.shape[1])])
+    call = make(a4, s4, b.contiguous(), b_s, out_dtype, rowwise)
+    return lambda: call()[:m]
 
 
 def gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype,
          rowwise: bool) -> torch.Tensor:
-    """``a @ b.T`` through torch's block-scaled matmul."""
-    return prepare(a, a_s, b, b_s, out_dtype, rowwise)()
+    """``a @ b.T`` through torch's block-scaled matmul.
+
+    A shape cuBLASLt has no block-scaled kernel for (it answers NOT_SUPPORTED from its heuristic query,
+    which leaves the CUDA context usable) raises :class:`~dualflow.fp8.gemm.BackendUnavailable`, so that
+    the next backend of the caller's list takes it.
+    """
+    from dualflow.fp8.gemm import BackendUnavailable
+
+    call = prepare(a, a_s, b, b_s, out_dtype, rowwise)
+    try:
+        return call()
+    except RuntimeError as exc:
+        if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(exc):
+            raise
+        (m, k), n = a.shape, b.shape[0]
+        raise BackendUnavailable(f"cuBLASLt has no block-scaled kernel for M={m}, K={k}, N={n} "
+                                 f"({'1x128' if rowwise else '128x128'} scales of b)") from exc

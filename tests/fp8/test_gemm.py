@@ -180,6 +180,18 @@ def test_torch_backend_reports_why_it_cannot_run_on_cpu():
     assert "no contiguous GEMM" in available_backends("cpu", "contiguous")["torch"]
 
 
+
+@pytest.mark.parametrize("rows, cols", [(1, 3), (1, 1), (3, 1), (5, 2), (128, 56)])
+def test_torch_backend_scales_are_exactly_m_major(rows, cols):
+    # torch compares the strides literally: a one-row tensor must come out with strides (1, 1), and a
+    # view into wider storage (scales with padded columns) must be copied, not passed on
+    from dualflow.fp8.torch_scaled import _m_major
+
+    wide = torch.randn(rows, cols + 1)[:, :cols]
+    for s in (torch.randn(rows, cols), wide):
+        got = _m_major(s)
+        assert got.stride() == (1, rows) and torch.equal(got, s)
+
 def test_cutlass_absent_raises_clearly_and_lists_skip_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "dualflow.fp8.cutlass", None)  # what an installation without it sees
     _, _, a, sa, b, sb = _operands(64, 128, 256)
