@@ -1,7 +1,8 @@
 """The ``torch`` GEMM backend: torch's block-scaled ``scaled_mm`` (cuBLASLt), with dualflow's scales converted.
 
 What torch wants (ATen's ScaledBlas.cpp; sm90 only, cuBLASLt >= 12.9; ``mat_b`` passed as ``b.T``, i.e.
-column-major ``[K, N]``; K and N multiples of 16):
+column-major ``[K, N]``; K and N multiples of 16; M a multiple of 4 on cuBLASLt 13.0, so other row
+counts are padded with zero rows here):
 
 - ``torch.nn.functional.scaled_mm`` (torch >= 2.10, ``_scaled_mm_v2``):
   1x128 ``scale_a`` ``[M, K/128]`` with strides ``(1, M)`` (M-major); 1x128 ``scale_b`` ``[N, K/128]``
