@@ -17,6 +17,13 @@ export NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS
 
 .PHONY: train test test-gpu deps sysdeps build lint bench clean
 
+# The install stamps count only while the installed dualflow is this checkout: an editable install
+# made from another clone would otherwise be imported here without a word.
+INSTALLED := $(shell cd / && $(PYTHON) -I -c "import dualflow, os; print(os.path.dirname(os.path.dirname(os.path.abspath(dualflow.__file__))))" 2>/dev/null)
+ifneq ($(INSTALLED),$(CURDIR))
+$(shell rm -f $(STAMP)/python-dev $(STAMP)/python-run)
+endif
+
 $(STAMP)/python-dev: pyproject.toml scripts/bootstrap.sh
 	@mkdir -p $(STAMP)
 	scripts/bootstrap.sh python dev,mpi,plot
