@@ -29,6 +29,8 @@ from dualflow.utils import nvtx
 from dualflow.utils.logging import get_logger
 
 BACKENDS = ("auto", "torch", "kernels")
+# How dispatch/combine check their arguments across ranks (Buffer's ``checks``).
+CHECKS = ("collective", "first", "local")
 _log = get_logger("dualflow.comm")
 
 
@@ -86,6 +88,19 @@ class Buffer:
     - ``ranks_per_node``: ranks of the group per node, group ranks numbered node by node. None detects
       it from host names. Fewer than the group size selects the torch backend's hierarchical mode.
     - ``kernel_config``: options of the kernels backend (:class:`~dualflow.comm.kernels.KernelConfig`).
+    - ``checks``: how dispatch and combine check their arguments across ranks.
+
+      - ``"collective"`` (default): every call first exchanges a small header with every rank, so bad
+        or mismatched arguments raise ``ValueError`` on all ranks together and nothing moves. The
+        exchange is one tiny all-to-all whose result the host reads: on a GPU it waits for the work
+        already queued, once per call.
+      - ``"first"``: only the first dispatch and the first combine of the buffer exchange the header
+        (that catches mismatched configurations: hidden, experts, top-k, payload kind, weights); later
+        calls check locally. A local failure then raises on its own rank only, and the other ranks wait
+        in their next collective until the process group's timeout.
+      - ``"local"``: no exchange at all; local checks only, with the same consequence.
+
+      Every rank must pass the same value (checked when the buffer is made).
 
     Constructing a buffer is collective over ``group``; so are ``dispatch`` and ``combine``.
     """
@@ -99,6 +114,7 @@ class Buffer:
         backend: str = "auto",
         ranks_per_node: int | None = None,
         kernel_config: kernels.KernelConfig | None = None,
+        checks: str = "collective",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Buffer needs torch.distributed to be initialised (dist.init_process_group)")
@@ -112,6 +128,8 @@ class Buffer:
         self._token = object()  # identifies handles made by this buffer
         self._seq = itertools.count()
         self._stream = None
+        self.checks = checks
+        self._agreed: set[str] = set()  # operations whose header was exchanged (checks="first")
         failure = None
         try:
             require(isinstance(hidden, int) and hidden > 0, Problem.ARGUMENT,
@@ -119,6 +137,7 @@ class Buffer:
             require(isinstance(num_sms, int) and num_sms >= 2 and num_sms % 2 == 0, Problem.ARGUMENT,
                     f"num_sms must be an even int >= 2 (SMs are paired into channels), got {num_sms!r}")
             require(backend in BACKENDS, Problem.ARGUMENT, f"backend must be one of {BACKENDS}, got {backend!r}")
+            require(checks in CHECKS, Problem.ARGUMENT, f"checks must be one of {CHECKS}, got {checks!r}")
             require(max_tokens_per_rank is None or (isinstance(max_tokens_per_rank, int) and max_tokens_per_rank > 0),
                     Problem.ARGUMENT,
                     f"max_tokens_per_rank must be None or a positive int, got {max_tokens_per_rank!r}")
@@ -131,6 +150,7 @@ class Buffer:
             "hidden": hidden if failure is None else -1, "num_sms": num_sms if failure is None else -1,
             "backend": BACKENDS.index(backend) if backend in BACKENDS else -1,
             "ranks_per_node": ranks_per_node or -1, "device": 1 if self.device.type == "cuda" else 0,
+            "checks": CHECKS.index(checks) if checks in CHECKS else -1,
         }, failure)
         self.ranks_per_node = ranks_per_node or self._detect_ranks_per_node()
         self._backend = self._make_backend(backend, kernel_config or kernels.KernelConfig())
@@ -146,6 +166,15 @@ class Buffer:
     def synchronize(self) -> None:
         """Wait for this buffer's communication; raise if a kernel reported a timeout (kernels backend)."""
         self._backend.synchronize()
+
+    def _agree(self, operation: str, values: dict[str, int], failure: CheckFailed | None) -> None:
+        """The cross-rank check of one call, as ``checks`` says (see the class docstring)."""
+        if self.checks == "collective" or (self.checks == "first" and operation not in self._agreed):
+            agree(self.group, self.device, operation, values, failure)
+            self._agreed.add(operation)
+        elif failure is not None:
+            raise ValueError(f"{operation} on rank {self.rank}: {failure}; nothing was sent (checks={self.checks!r}: "
+                             "the other ranks were not told and wait in their next collective)") from None
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -189,7 +218,7 @@ class Buffer:
             x_grad = payload is not None and not payload.is_fp8 and payload.data.requires_grad
             w_grad = isinstance(topk_weights, torch.Tensor) and topk_weights.requires_grad
             grad = torch.is_grad_enabled() and (x_grad or w_grad)
-            agree(self.group, self.device, "dispatch", {
+            self._agree("dispatch", {
                 "hidden": self.hidden, "num_experts": num_experts if isinstance(num_experts, int) else -1,
                 "topk": _topk_width(topk_idx, handle),
                 "payload": KIND_CODES.get(payload.data.dtype, -1) if payload else -1,
@@ -288,7 +317,7 @@ class Buffer:
             y_grad = isinstance(y, torch.Tensor) and y.requires_grad
             w_grad = isinstance(topk_weights, torch.Tensor) and topk_weights.requires_grad
             grad = torch.is_grad_enabled() and (y_grad or w_grad)
-            agree(self.group, self.device, "combine", {
+            self._agree("combine", {
                 "hidden": self.hidden, "payload": KIND_CODES.get(y.dtype, -1) if isinstance(y, torch.Tensor) else -1,
                 "weights": int(topk_weights is not None),
                 "handle": handle.seq if isinstance(handle, DispatchHandle) else -1,

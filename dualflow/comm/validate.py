@@ -40,11 +40,12 @@ _DESCRIPTION = {
 
 # Values every rank must agree on; an operation leaves the ones it does not use at -1.
 FIELDS = ("operation", "hidden", "num_experts", "topk", "payload", "weights", "expert_alignment",
-          "expert_major", "handle", "grad", "backend", "num_sms", "ranks_per_node", "device")
+          "expert_major", "handle", "grad", "backend", "num_sms", "ranks_per_node", "device", "checks")
 OPERATIONS = {"Buffer()": 1, "dispatch": 2, "combine": 3}
 # How a disagreeing field's codes are shown.
 _SHOWN = {"payload": {1: "bfloat16", 2: "float32", 3: "float8_e4m3fn"},
-          "backend": {0: "auto", 1: "torch", 2: "kernels"}, "device": {0: "cpu", 1: "cuda"}}
+          "backend": {0: "auto", 1: "torch", 2: "kernels"}, "device": {0: "cpu", 1: "cuda"},
+          "checks": {0: "collective", 1: "first", 2: "local"}}
 
 
 class CheckFailed(Exception):

@@ -41,8 +41,8 @@ class ExpertParallelExchange:
     """Dispatch/combine of one expert-parallel group; ``n_experts`` global experts split evenly over it."""
 
     def __init__(self, group: dist.ProcessGroup | None, hidden: int, n_experts: int, *, fp8: bool = False,
-                 backend: str = "auto") -> None:
-        self.buffer = Buffer(group, hidden, backend=backend)
+                 backend: str = "auto", checks: str = "collective") -> None:
+        self.buffer = Buffer(group, hidden, backend=backend, checks=checks)
         self.n_experts, self.fp8 = n_experts, fp8
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> Received:

@@ -31,10 +31,15 @@ class ParallelConfig:
     microbatches: int = 4
     overlap: bool = True
     zero1: bool = False
+    # cross-rank argument checks of the expert dispatch/combine (dualflow.comm.Buffer's ``checks``):
+    # "first" exchanges them on the first calls only, so later steps do not wait for the GPU per call
+    comm_checks: str = "first"
 
     def __post_init__(self) -> None:
         if self.pp < 1 or self.dp < 1:
             raise ValueError(f"parallel.pp={self.pp} and parallel.dp={self.dp} must be >= 1")
+        if self.comm_checks not in ("collective", "first", "local"):
+            raise ValueError(f"parallel.comm_checks={self.comm_checks!r}: choose one of collective, first, local")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"parallel.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.schedule == "dualpipe" and self.pp % 2:

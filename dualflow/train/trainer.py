@@ -127,7 +127,8 @@ class Trainer:
         from dualflow.train.ep import ExpertParallelExchange
 
         exchange = ExpertParallelExchange(self.topo.dp_group, self.cfg.model.dim, self.cfg.model.n_routed_experts,
-                                          fp8=self.cfg.train.fp8 and self.cfg.train.fp8_dispatch)
+                                          fp8=self.cfg.train.fp8 and self.cfg.train.fp8_dispatch,
+                                          checks=self.cfg.parallel.comm_checks)
         for stage in self.stages:
             stage.set_exchange(exchange)
 

@@ -131,3 +131,91 @@ def test_buffer_arguments_checked_on_every_rank(messages):
 
 def test_layout_errors_are_local(messages):
     assert all("expert index outside" in r["layout range"] for r in messages)
+
+
+# -- Buffer(checks=...): how often dispatch/combine exchange the header -----------------------------
+
+
+def _checks_worker(rank, world, checks):
+    import dualflow.comm.buffer as buffer_module
+
+    exchanged = []
+    real_agree = buffer_module.agree
+
+    def counting_agree(group, device, operation, values, failure):  # the real exchange, counted
+        exchanged.append(operation)
+        return real_agree(group, device, operation, values, failure)
+
+    buffer_module.agree = counting_agree
+    num_experts = 2 * world
+    x, idx, w = _inputs(rank, world, num_experts)
+    out = {}
+    try:
+        Buffer(None, HIDDEN, checks="local" if rank == BAD and checks != "local" else checks)
+    except ValueError as exc:
+        out["mixed modes"] = str(exc)
+    buffer = Buffer(None, HIDDEN, checks=checks)
+    if checks == "first":  # the first dispatch exchanges the header: a mismatch fails on every rank
+        try:
+            buffer.dispatch(x, idx, w, 2 * num_experts if rank == BAD else num_experts)
+        except ValueError as exc:
+            out["first mismatch"] = str(exc)
+    del exchanged[:]
+    rounds = []
+    for _ in range(3):
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, idx, w, num_experts)
+        y, combined_w, _ = buffer.combine(recv_x * 2, handle, recv_w)
+        rounds.append((recv_x, recv_idx, recv_w, counts, y, combined_w))
+    out["exchanges"] = list(exchanged)
+    out["rounds"] = rounds
+    # A local failure after the first calls. "collective": every rank is in the call and raises;
+    # otherwise only the failing rank calls: it raises alone and nothing is sent.
+    if rank == BAD or checks == "collective":
+        try:
+            buffer.dispatch(x, idx.int() if rank == BAD else idx, w, num_experts)
+        except ValueError as exc:
+            out["local failure"] = str(exc)
+    recv = buffer.dispatch(x, idx, w, num_experts)  # the group is still usable
+    out["after"] = buffer.combine(recv[0], recv[4])[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def by_checks():
+    return {checks: run_workers(_checks_worker, 3, checks, timeout=120) for checks in ("collective", "first", "local")}
+
+
+def test_checks_modes_move_the_same_data(by_checks):
+    for checks in ("first", "local"):
+        for rank, (got, want) in enumerate(zip(by_checks[checks], by_checks["collective"])):
+            for r, (a, b) in enumerate(zip(got["rounds"], want["rounds"])):
+                for u, v in zip(a, b):
+                    assert (u == v) if isinstance(u, list) else torch.equal(u, v), (checks, rank, r)
+            assert torch.equal(got["after"], want["after"])
+
+
+def test_checks_modes_exchange_the_header_as_documented(by_checks):
+    expected = {"collective": ["dispatch", "combine"] * 3, "first": ["dispatch", "combine"], "local": []}
+    for checks, results in by_checks.items():
+        assert all(r["exchanges"] == expected[checks] for r in results), (checks, results[0]["exchanges"])
+
+
+def test_checks_first_catches_a_mismatch_on_every_rank(by_checks):
+    assert all("disagree on num_experts" in r["first mismatch"] for r in by_checks["first"])
+
+
+def test_checks_local_failure_raises_on_its_rank_and_keeps_the_group_usable(by_checks):
+    for checks, results in by_checks.items():
+        msg = results[BAD]["local failure"]
+        assert "topk_idx must be an int64" in msg, msg
+        peers = [r for i, r in enumerate(results) if i != BAD]
+        if checks == "collective":
+            assert all(f"rank {BAD}: invalid topk_idx" in r["local failure"] for r in peers)
+        else:
+            assert f"checks={checks!r}" in msg and "not told" in msg, msg
+            assert all("local failure" not in r for r in peers)
+
+
+def test_checks_mode_must_agree_across_ranks(by_checks):
+    for checks in ("collective", "first"):
+        assert all("disagree on checks: ['" in r["mixed modes"] for r in by_checks[checks])

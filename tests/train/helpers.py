@@ -58,3 +58,14 @@ def train_worker_overlap_counts(rank, world, cfg):
     summary = trainer.train()
     modules = trainer.engine.modules
     return summary.losses, sum(m.interleaved for m in modules), sum(m.fallbacks for m in modules)
+
+
+def train_worker_comm_checks(rank, world, cfg):
+    """Like :func:`train_worker`, plus the ``checks`` of the expert exchange's buffer on this rank."""
+    from dualflow.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    checks = {layer.exchange.buffer.checks for s in trainer.stages for layer in s.layers.values()
+              if getattr(layer, "exchange", None) is not None}
+    return summary.losses, sorted(checks)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from dualflow.train.checkpoint import CheckpointManager
+from dualflow.train.parallel import ParallelConfig
 from dualflow.train.trainer import Trainer, TrainingDiverged
 from tests.dist import run_workers
-from tests.train.helpers import tiny, train_worker
+from tests.train.helpers import tiny, train_worker, train_worker_comm_checks
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -52,6 +53,19 @@ def test_expert_and_data_parallel_match_one_process(tmp_path):
     # experts fed rows from both ranks in one GEMM): FP32 rounding, amplified a little by Adam.
     assert _relative(results[0][0], single) < 1e-5
 
+
+
+def test_comm_checks_reach_the_exchange_and_change_no_result(tmp_path):
+    runs = {checks: run_workers(train_worker_comm_checks, 2, tiny(tmp_path / checks, train=dict(steps=3),
+                                                                   parallel=dict(dp=2, microbatches=2,
+                                                                                 comm_checks=checks)),
+                                timeout=120)
+            for checks in ("collective", "first")}
+    for checks, results in runs.items():
+        assert all(r[1] == [checks] for r in results), (checks, results)
+    assert runs["first"][0][0] == runs["collective"][0][0]  # the same losses, bit for bit
+    with pytest.raises(ValueError, match=r"parallel\.comm_checks='sometimes'"):
+        ParallelConfig(comm_checks="sometimes")
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_zero1_is_bitwise_equal_to_replicated_optimizer(tmp_path, fp8):
