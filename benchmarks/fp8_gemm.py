@@ -10,8 +10,10 @@ nn.Linear in BF16. TFLOPS = 2*M*N*K / median time (x3 for forward+backward; 1 TF
 inputs (DeepSeek's metric; FP8 passes below 1e-3). Operands are quantized outside the timed region;
 each timed run starts with a cold L2. On a GPU each GEMM is captured in a CUDA graph and the graph is
 timed, so that Python and launch overhead (which would dominate the M = 64 rows) stay out of every
-implementation's number alike (``--eager`` times the plain calls). ``--smoke`` runs tiny shapes on
-whatever device there is.
+implementation's number alike (``--eager`` times the plain calls). The implementations of one shape are
+timed interleaved (run i of each, then run i + 1): a GPU's clocks drift under sustained load by more than
+the differences measured here, and back-to-back blocks of runs would hand the drift to whichever ran
+last. ``--smoke`` runs tiny shapes on whatever device there is.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dualflow.fp8 import (
     torch_scaled,
 )
 from dualflow.utils.logging import print_rank0
-from dualflow.utils.timing import Table, cuda_graphed, time_fn, write_record
+from dualflow.utils.timing import Table, cuda_graphed, time_fns, write_record
 
 FORWARD = [(m, n, k) for m in (64, 128, 4096) for n, k in ((2112, 7168), (24576, 1536), (4096, 7168), (7168, 16384))]
 WGRAD = [(7168, 2112, 4096), (4096, 7168, 4096)]  # [out, in] = dy.T @ x over 4096 tokens
@@ -66,19 +68,30 @@ class Bench:
     def _device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
-    def row(self, shape: str, layout: str, impl: str, flops: float, fn, exact: torch.Tensor | None,
-            note: str = "", graph: bool = True) -> None:
-        try:
-            out = fn()
-            timed, mode = cuda_graphed(fn, self.device) if graph and self.graphs else (fn, "eager")
-            t = time_fn(timed, warmup=self.warmup, repeat=self.repeat, device=self.device).median
-        except BackendUnavailable as exc:
-            self.table.add(shape=shape, layout=layout, impl=impl, note="unavailable (below)")
-            self.unavailable.setdefault(impl, str(exc))
-            return
-        error = _error(out, exact) if exact is not None else float("nan")
-        self.table.add(shape=shape, layout=layout, impl=impl, ms=t * 1e3, TFLOPS=flops / t / 1e12, error=error,
-                       note="; ".join(filter(None, [mode if self.device.type == "cuda" else "", note])))
+    def rows(self, shape: str, layout: str, flops: float, exact: torch.Tensor | None,
+             entries: list[tuple[str, object, str]], graph: bool = True) -> None:
+        """Time the ``(impl, fn, note)`` entries of one shape against each other, their runs interleaved
+        (:func:`time_fns`), and add one row each in the order given."""
+        ready = {}
+        for impl, fn, _ in entries:
+            try:
+                out = fn()
+                timed, mode = cuda_graphed(fn, self.device) if graph and self.graphs else (fn, "eager")
+            except BackendUnavailable as exc:
+                self.unavailable.setdefault(impl, str(exc))
+                continue
+            ready[impl] = (timed, mode, out)
+        times = time_fns({impl: r[0] for impl, r in ready.items()}, warmup=self.warmup, repeat=self.repeat,
+                         device=self.device) if ready else {}
+        for impl, _, note in entries:
+            if impl not in ready:
+                self.table.add(shape=shape, layout=layout, impl=impl, note="unavailable (below)")
+                continue
+            _, mode, out = ready[impl]
+            t = times[impl].median
+            error = _error(out, exact) if exact is not None else float("nan")
+            self.table.add(shape=shape, layout=layout, impl=impl, ms=t * 1e3, TFLOPS=flops / t / 1e12, error=error,
+                           note="; ".join(filter(None, [mode if self.device.type == "cuda" else "", note])))
 
 
 def _gemm_rows(bench: Bench, m: int, n: int, k: int, backends: list[str], rowwise: bool) -> None:
@@ -91,15 +104,15 @@ def _gemm_rows(bench: Bench, m: int, n: int, k: int, backends: list[str], rowwis
     out_dtype = torch.float32 if rowwise else torch.bfloat16
     shape, flops = f"{m}x{n}x{k}", 2.0 * m * n * k
     layout = "1x128.1x128" if rowwise else "1x128.128x128"
-    bench.row(shape, layout, "torch bf16 matmul", flops, lambda: x @ w.T, exact)
     try:
         torch_call = torch_scaled.prepare(a, sa, b, sb, out_dtype, rowwise)
     except BackendUnavailable as exc:
         torch_call = _raiser(exc)
-    bench.row(shape, layout, "torch block-scaled", flops, torch_call, exact, "F.scaled_mm (cuBLASLt)")
-    for name in backends:
-        bench.row(shape, layout, f"dualflow {name}", flops,
-                  lambda name=name: fp8_gemm(a, sa, b, sb, out_dtype, backend=name), exact)
+    bench.rows(shape, layout, flops, exact, [
+        ("torch bf16 matmul", lambda: x @ w.T, ""),
+        ("torch block-scaled", torch_call, "F.scaled_mm (cuBLASLt), scales converted beforehand"),
+        *((f"dualflow {name}", lambda name=name: fp8_gemm(a, sa, b, sb, out_dtype, backend=name), "")
+          for name in backends)])
 
 
 def _raiser(exc: Exception):
@@ -119,11 +132,11 @@ def _grouped_rows(bench: Bench, groups: int, rows: int, n: int, k: int, backends
     b, sb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     offsets = torch.arange(groups + 1, device=dev, dtype=torch.int32) * rows
     shape, flops = f"{groups}x{rows}x{n}x{k}", 2.0 * groups * rows * n * k
-    bench.row(shape, "grouped contiguous", "torch bf16 matmul per group", flops,
-              lambda: torch.cat([x[g * rows:(g + 1) * rows] @ w[g].T for g in range(groups)]), exact)
-    for name in backends:
-        bench.row(shape, "grouped contiguous", f"dualflow {name}", flops,
-                  lambda name=name: fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=name), exact)
+    bench.rows(shape, "grouped contiguous", flops, exact, [
+        ("torch bf16 matmul per group", lambda: torch.cat([x[g * rows:(g + 1) * rows] @ w[g].T
+                                                           for g in range(groups)]), ""),
+        *((f"dualflow {name}", lambda name=name: fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=name),
+           "") for name in backends)])
 
 
 def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backends: list[str]) -> None:
@@ -142,14 +155,14 @@ def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backends: lis
         return fn
 
     shape, flops = f"{tokens}x{d_out}x{d_in}", 3 * 2.0 * tokens * d_in * d_out
-    bench.row(shape, "linear fwd+bwd", "nn.Linear bf16", flops, step(ref), exact, graph=False)
+    entries = [("nn.Linear bf16", step(ref), "")]
     for backend in backends:
         fp8 = Fp8Linear(d_in, d_out, bias=False, device=dev, dtype=torch.bfloat16,
                         recipe=Fp8Recipe(backend=backend))
         fp8.load_state_dict(ref.state_dict())
         label = f"{backend}: {resolve_backend(backend, dev)}" if backend == "auto" else backend
-        bench.row(shape, "linear fwd+bwd", f"Fp8Linear ({label})", flops, step(fp8), exact,
-                  "quantization included; weight cached", graph=False)
+        entries.append((f"Fp8Linear ({label})", step(fp8), "quantization included; weight cached"))
+    bench.rows(shape, "linear fwd+bwd", flops, exact, entries, graph=False)
 
 
 def _profile_linear(device: torch.device, tokens: int, d_in: int, d_out: int) -> None:

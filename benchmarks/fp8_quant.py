@@ -15,6 +15,7 @@ every layout: the tuning behind ``dualflow.fp8.kernels.quant.launch_settings``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.fp8 import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
 from dualflow.fp8.quant import num_blocks
-from dualflow.utils.timing import Table, cuda_graphed, time_fn, write_record
+from dualflow.utils.timing import Table, cuda_graphed, time_fns, write_record
 
 ACTIVATIONS = [(4096, 7168), (16384, 7168), (4096, 18432)]
 WEIGHTS = [(7168, 16384)]
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.sweep and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--sweep times the Triton kernel: it needs a CUDA GPU, or TRITON_INTERPRET=1 on a CPU")
     if args.backends:
         backends = [b.strip() for b in args.backends.split(",")]
     else:
@@ -65,24 +68,31 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(shape, quantize_128x128) for shape in weights]
     copy_gbs: dict[tuple[int, int], float] = {}
 
-    def timed(fn) -> float:
-        fn = fn if args.eager else cuda_graphed(fn, device)[0]
-        return time_fn(fn, warmup=warmup, repeat=repeat, device=device).median
+    def graphed(fn):
+        return fn if args.eager else cuda_graphed(fn, device)[0]
 
-    for (r, c), fn in cases:
+    def timed(fn) -> float:
+        return time_fns({"fn": graphed(fn)}, warmup=warmup, repeat=repeat, device=device)["fn"].median
+
+    ops: dict[tuple[int, int], list] = {}
+    for shape, fn in cases:
+        ops.setdefault(shape, []).append(fn)
+    for (r, c), fns in ops.items():
+        # the copy and every quantizer of a shape timed interleaved, so that clock drift reaches all alike
         x = torch.randn(r, c, device=device, dtype=torch.bfloat16)
-        shape = f"{r}x{c}"
-        if (r, c) not in copy_gbs:
-            y = torch.empty_like(x)
-            t = timed(lambda x=x, y=y: y.copy_(x))
-            copy_gbs[(r, c)] = 2 * x.nbytes / t / 1e9
-            table.add(shape=shape, op="copy (bf16)", backend="torch", ms=t * 1e3, **{"GB/s": copy_gbs[(r, c)]},
-                      **{"of copy": 1.0})
-        moved = x.nbytes + _out_bytes(fn.__name__, r, c)
-        for backend in backends:
-            t = timed(lambda fn=fn, x=x, backend=backend: fn(x, backend=backend))
+        y = torch.empty_like(x)
+        calls = {("copy (bf16)", "torch"): lambda x=x, y=y: y.copy_(x)}
+        calls.update({(fn.__name__, backend): lambda fn=fn, backend=backend, x=x: fn(x, backend=backend)
+                      for fn in fns for backend in backends})
+        keys = {f"{op}/{backend}": (op, backend) for op, backend in calls}
+        times = time_fns({key: graphed(calls[k]) for key, k in keys.items()}, warmup=warmup, repeat=repeat,
+                         device=device)
+        copy_gbs[(r, c)] = 2 * x.nbytes / times["copy (bf16)/torch"].median / 1e9
+        for key, (op, backend) in keys.items():
+            t = times[key].median
+            moved = 2 * x.nbytes if op.startswith("copy") else x.nbytes + _out_bytes(op, r, c)
             gbs = moved / t / 1e9
-            table.add(shape=shape, op=fn.__name__, backend=backend, ms=t * 1e3,
+            table.add(shape=f"{r}x{c}", op=op, backend=backend, ms=t * 1e3,
                       **{"GB/s": gbs, "of copy": gbs / copy_gbs[(r, c)]})
     table.print()
     if args.json:

@@ -32,6 +32,8 @@ def _m_major(s: torch.Tensor) -> torch.Tensor:
     # strides exactly (1, rows): torch checks them literally, and ``s.t().contiguous().t()`` keeps a
     # one-row tensor's strides as they were (a size-1 dimension counts as contiguous either way)
     rows, cols = s.shape
+    if s.stride() == (1, max(rows, 1)):
+        return s
     return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=s.dtype, device=s.device).copy_(s)
 
 
@@ -41,8 +43,11 @@ def _prepare_v2(a, a_s, b, b_s, out_dtype, rowwise, pad):
         sb, recipe_b = _m_major(b_s), kind.BlockWise1x128
     else:
         kb = b_s.shape[1]
-        padded = b_s.new_zeros(b_s.shape[0], -(-kb // 4) * 4 if pad else kb)
-        padded[:, :kb] = b_s
+        if pad and kb % 4:
+            padded = b_s.new_zeros(b_s.shape[0], -(-kb // 4) * 4)
+            padded[:, :kb] = b_s
+        else:  # already the layout torch wants (K = 7168 has 56 blocks): no copy per call
+            padded = b_s.contiguous()
         sb, recipe_b = padded.t(), kind.BlockWise128x128
     sa, bt = _m_major(a_s), b.t()
     return lambda: F.scaled_mm(a, bt, sa, kind.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)

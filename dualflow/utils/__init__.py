@@ -2,8 +2,9 @@
 
 from dualflow.utils import nvtx
 from dualflow.utils.logging import current_rank, get_logger, print_rank0
-from dualflow.utils.timing import Table, Timing, cuda_graphed, time_fn, write_record
+from dualflow.utils.timing import Table, Timing, cuda_graphed, time_fn, time_fns, write_record
 
 __all__ = [
-    "Table", "Timing", "cuda_graphed", "current_rank", "get_logger", "nvtx", "print_rank0", "time_fn", "write_record",
+    "Table", "Timing", "cuda_graphed", "current_rank", "get_logger", "nvtx", "print_rank0", "time_fn", "time_fns",
+    "write_record",
 ]

@@ -2,7 +2,8 @@
 
 - :func:`cuda_graphed`: a callable replaying ``fn`` from a CUDA graph (short kernels without launch gaps).
 - :func:`time_fn`: warm-up, then the median of many runs; CUDA events on a GPU (with an L2 flush before
-  each run unless asked not to), ``time.perf_counter`` on the CPU.
+  each run unless asked not to), ``time.perf_counter`` on the CPU. :func:`time_fns`: the same for
+  several implementations at once, their runs interleaved.
 - :class:`Table`: a fixed-width table printed on rank 0 only.
 - :func:`write_record`: one JSON record per run (rows plus the environment they were measured in).
 """
@@ -17,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,37 +103,59 @@ def time_fn(
     ``device`` selects the clock: a CUDA device uses events on its current stream (``setup`` and the L2
     flush run before each start event, outside the timed region); anything else uses perf_counter.
     """
+    return time_fns({"fn": fn}, warmup=warmup, repeat=repeat, device=device, flush_l2=flush_l2, setup=setup)["fn"]
+
+
+def time_fns(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeat: int = 20,
+    device: torch.device | str | None = None,
+    flush_l2: bool = True,
+    setup: Callable[[], Any] | None = None,
+) -> dict[str, Timing]:
+    """Time several implementations of one thing against each other, interleaved: run ``i`` of every
+    function follows run ``i`` of the one before (round-robin), so that a drift of the clocks during the
+    measurement (a GPU settling from boost to its sustained clocks under load) reaches all of them alike
+    instead of whichever happened to be timed last. Otherwise as :func:`time_fn`.
+    """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    samples: list[float] = []
+        for fn in fns.values():
+            if setup:
+                setup()
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     if dev.type == "cuda":
         flusher = _L2Flusher(dev) if flush_l2 else None
         torch.cuda.synchronize(dev)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+        events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                         for _ in range(repeat)] for name in fns}
         for i in range(repeat):
-            if setup:
-                setup()
-            if flusher:
-                flusher()
-            starts[i].record()
-            fn()
-            ends[i].record()
+            for name, fn in fns.items():
+                if setup:
+                    setup()
+                if flusher:
+                    flusher()
+                start, end = events[name][i]
+                start.record()
+                fn()
+                end.record()
         torch.cuda.synchronize(dev)
-        samples = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+        for name in fns:
+            samples[name] = [s.elapsed_time(e) / 1e3 for s, e in events[name]]
     else:
         for _ in range(repeat):
-            if setup:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return Timing(tuple(samples))
+            for name, fn in fns.items():
+                if setup:
+                    setup()
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: Timing(tuple(v)) for name, v in samples.items()}
 
 
 def _fmt(value: Any) -> str:

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from dualflow.utils.timing import Table, Timing, time_fn, write_record
+from dualflow.utils.timing import Table, Timing, time_fn, time_fns, write_record
 
 
 def test_time_fn_counts_warmup_and_repeats():
@@ -22,6 +22,15 @@ def test_time_fn_rejects_no_repeats():
     with pytest.raises(ValueError, match="repeat"):
         time_fn(lambda: None, repeat=0)
 
+
+
+def test_time_fns_interleaves_the_runs_and_times_each_one():
+    order = []
+    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.005))}
+    t = time_fns(fns, warmup=1, repeat=4)
+    assert order == ["fast", "slow"] * 5  # round-robin, warm-up included
+    assert set(t) == {"fast", "slow"} and all(len(v.samples) == 4 for v in t.values())
+    assert t["fast"].max < 0.004 < t["slow"].min
 
 def test_spread():
     t = Timing(tuple([1.0] * 8 + [2.0, 3.0]))
