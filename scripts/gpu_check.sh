@@ -2,7 +2,7 @@
 # One pass over the GPU tiers on a CUDA machine, every log kept: environment, build, gpu tests,
 # benchmarks. Stages run in the order given; the default is all single-GPU stages.
 #
-#   scripts/gpu_check.sh [OUTDIR] [env] [build] [tests] [fp8] [comm] [pipeline]
+#   scripts/gpu_check.sh [OUTDIR] [env] [build] [tests] [fp8] [comm] [pipeline] [train]
 #
 # With $DUALFLOW_CUDA_LIB pointing at a built library, `build` only checks that it loads.
 set -uo pipefail
@@ -43,6 +43,13 @@ for stage in $STAGES; do
       step moe_a2a torchrun --standalone --nproc-per-node "$NGPU" benchmarks/moe_a2a.py --json "$OUTDIR/bench.jsonl" ;;
     pipeline)
       step pipeline torchrun --standalone --nproc-per-node "$NGPU" benchmarks/pipeline.py --json "$OUTDIR/bench.jsonl" ;;
+    train)
+      if [ -f "configs/gpu$NGPU.toml" ]; then
+        step train $PY benchmarks/train_throughput.py "configs/gpu$NGPU.toml" --keep "$OUTDIR/train_runs" \
+          --json "$OUTDIR/bench.jsonl"
+      else
+        echo "train: no configs/gpu$NGPU.toml for $NGPU GPUs" | tee -a "$OUTDIR/summary.txt"
+      fi ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac
 done

@@ -1,0 +1,131 @@
+"""Training throughput of the main job: tokens/s, step time and MFU, BF16 vs FP8, with and without the F&B overlap.
+
+    python benchmarks/train_throughput.py CONFIG [--nproc N] [--steps 40] [--warmup 10]
+                                          [--variants base,fp8,base-serial,fp8-serial] [--json PATH] [--smoke]
+
+Each variant is one run of ``dualflow launch --nproc-per-node N -- -m dualflow train CONFIG --fresh`` with
+the overrides below, into a temporary run directory; the numbers come from that run's metrics.jsonl
+(written by rank 0): medians over the steps after ``--warmup`` (compilation, allocator and routing
+warm-up stay out), MFU where the trainer reports it (a known GPU peak, not under FP8), peak memory.
+The ratio column divides each variant's tokens/s by the first variant's, measured in the same
+invocation. Variants run one after the other: on a GPU compare them within one invocation only.
+
+- ``base``: the config as it is, FP8 off, overlap on;  ``fp8``: FP8 linears (and FP8 dispatch as the
+  config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``.
+
+``--smoke`` runs configs/tiny_moe.toml on 2 CPU processes for a few steps (seconds per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dualflow.utils.timing import Table, write_record  # noqa: E402
+
+VARIANTS = {
+    "base": ["--train.fp8=false", "--parallel.overlap=true"],
+    "fp8": ["--train.fp8=true", "--parallel.overlap=true"],
+    "base-serial": ["--train.fp8=false", "--parallel.overlap=false"],
+    "fp8-serial": ["--train.fp8=true", "--parallel.overlap=false"],
+}
+COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss"]
+
+
+def summarize(metrics: Path, warmup: int) -> dict:
+    """Medians of a run's metrics.jsonl over the steps after ``warmup``."""
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "tokens_per_s" in r]
+    timed = [r for r in steps if r["step"] > warmup] or steps
+    if not timed:
+        raise ValueError(f"{metrics} holds no training step")
+    mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    return {
+        "steps": len(timed),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "step_ms": 1e3 * statistics.median(r["step_time_s"] for r in timed),
+        "mfu": statistics.median(mfu) if mfu else None,
+        "peak_mb": max(r.get("peak_memory_mb") or 0.0 for r in timed),
+        "final_loss": steps[-1]["loss"],
+    }
+
+
+def _run(config: Path, nproc: int, steps: int, extra: list[str], run_dir: Path, log: Path) -> None:
+    cmd = [sys.executable, "-m", "dualflow", "launch", "--nproc-per-node", str(nproc), "--log-dir",
+           str(run_dir / "logs"), "--", "-m", "dualflow", "train", str(config), "--fresh",
+           f"--train.steps={steps}", f"--train.run_dir={run_dir}", f"--train.val_every={steps}",
+           "--train.val_batches=1", "--checkpoint.every=0", *extra]
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"training run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", type=Path, help="training config (TOML); --smoke: tiny_moe")
+    parser.add_argument("--nproc", type=int, default=None, help="processes (default: the config's world size)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40, smoke 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 10, smoke 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--keep", type=Path, help="keep each run's directory under this path")
+    parser.add_argument("--json", type=Path, help="append the table as a JSON record to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny_moe on 2 CPU processes, a few steps")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    config = args.config or (ROOT / "configs" / "tiny_moe.toml" if args.smoke else None)
+    if config is None or not config.is_file():
+        parser.error(f"config {config} not found" if config else "give a config (or --smoke)")
+    steps = args.steps or (4 if args.smoke else 40)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
+    extra: list[str] = []
+    if args.smoke:  # 2 processes: 1 pipeline rank x 2 expert-parallel ranks, a small batch
+        extra = ["--parallel.pp=1", "--parallel.dp=2", "--parallel.microbatches=2", "--train.global_batch=4"]
+    nproc = args.nproc or (2 if args.smoke else _world(config))
+    table = Table(COLUMNS, title=f"training throughput: {config.name}, {nproc} process(es), {steps} steps, "
+                                 f"medians after step {warmup}")
+    rows = []
+    base = None
+    with tempfile.TemporaryDirectory(prefix="dualflow-train-bench-") as tmp:
+        root = args.keep or Path(tmp)
+        for name in variants:
+            run_dir = root / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            print(f"train_throughput: {name} ...", file=sys.stderr, flush=True)
+            _run(config, nproc, steps, [*extra, *VARIANTS[name]], run_dir, run_dir / "launch.log")
+            s = summarize(run_dir / "metrics.jsonl", warmup)
+            base = base or s["tokens_per_s"]
+            row = {"variant": name, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
+                   "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
+                   "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
+                   "final loss": s["final_loss"]}
+            table.add(**row)
+            rows.append(row)
+    table.print()
+    if args.json:
+        write_record(args.json, "train_throughput", rows, config=str(config), nproc=nproc, steps=steps,
+                     warmup=warmup, smoke=args.smoke)
+    return 0
+
+
+def _world(config: Path) -> int:
+    from dualflow.launcher.config import load_config
+    from dualflow.train.config import TrainConfig
+
+    return load_config(TrainConfig, config).parallel.world
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

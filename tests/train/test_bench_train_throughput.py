@@ -1,0 +1,59 @@
+"""benchmarks/train_throughput.py: its summary of a metrics file, and a real smoke run of two variants."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_leaves_the_warmup_out(tmp_path):
+    lines = [{"step": 0, "val_loss": 5.0}]
+    lines += [{"step": s, "loss": 5.0 - s / 10, "tokens_per_s": 100.0 if s <= 2 else 1000.0 + s,
+               "step_time_s": 1.0 if s <= 2 else 0.1, "mfu": None if s % 2 else 0.25, "peak_memory_mb": 10.0 * s}
+              for s in range(1, 8)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = _module().summarize(path, warmup=2)
+    assert got["steps"] == 5  # steps 3..7
+    assert got["tokens_per_s"] == 1005.0 and got["step_ms"] == pytest.approx(100.0)
+    assert got["mfu"] == 0.25 and got["peak_mb"] == 70.0 and got["final_loss"] == pytest.approx(4.3)
+    path.write_text(json.dumps({"step": 0, "val_loss": 5.0}) + "\n")
+    with pytest.raises(ValueError, match="no training step"):
+        _module().summarize(path, warmup=0)
+
+
+@pytest.mark.slow
+def test_smoke_run_of_two_variants(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "dualflow", "bench", "train_throughput", "--smoke", "--variants",
+                           "base,fp8-serial", "--json", str(out), "--keep", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = record["rows"]
+    assert [r["variant"] for r in rows] == ["base", "fp8-serial"]
+    assert rows[0]["ratio"] == 1.0 and all(r["tokens/s"] > 0 and r["step ms"] > 0 for r in rows)
+    assert "training throughput: tiny_moe.toml, 2 process(es)" in proc.stdout
+    # each variant really ran with its overrides: FP8 layers converted only in the second
+    logs = {name: (tmp_path / "runs" / name / "launch.log").read_text() for name in ("base", "fp8-serial")}
+    assert "FP8:" not in logs["base"] and "FP8: " in logs["fp8-serial"]
+
+
+def test_bad_variant_is_refused():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke",
+                           "--variants", "turbo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown ['turbo']" in proc.stderr
