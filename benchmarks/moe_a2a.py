@@ -8,7 +8,8 @@ chosen uniformly at random, FP8 dispatch (7168 bytes + 56 FP32 scales per row), 
 sweep of token counts. Bytes are the payload rows a rank sends (a token counts once per destination
 rank; top-k ids and weights are not counted). Units as nccl-tests: algbw = bytes / time, busbw = algbw x
 (n-1)/n (all-to-all), GB = 1e9 bytes; ``remote GB/s`` counts only the bytes that leave the rank (its
-own rows excluded), which is what DeepEP's NVLink figures measure. Times are the slowest rank's median.
+own rows excluded), which is what DeepEP's NVLink figures measure. Times are the slowest rank's median;
+the backends and the peer of one token count are timed interleaved (run i of each, then run i + 1).
 Without torchrun the script starts its own ranks (``--ranks``, default 2) on gloo.
 """
 
@@ -27,8 +28,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualflow.comm import Buffer, KernelConfig
-from dualflow.utils.timing import Table, time_fn, write_record
+from dualflow.comm import Buffer, KernelConfig, get_dispatch_layout
+from dualflow.utils.timing import Table, time_fns, write_record
 
 FULL = dict(tokens=[512, 1024, 2048, 4096], hidden=7168, experts=256, topk=8)
 SMOKE = dict(tokens=[16, 64], hidden=256, experts=16, topk=4)
@@ -75,40 +76,48 @@ def run(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     fp8_row = hidden + hidden // 128 * 4
     peer_name = "nccl a2a" if on_gpu else "gloo a2a"
+    # one buffer per (backend, SM count); the kernels backend is measured at every --num-sms value
+    sm_counts = [int(v) for v in str(args.num_sms).split(",")]
+    buffers = {}
     for backend in backends:
-        buffer = Buffer(None, hidden, max_tokens_per_rank=max(tokens_list), num_sms=args.num_sms, backend=backend,
-                        kernel_config=KernelConfig(fp8=True, max_topk=topk))
-        sms = buffer.num_sms if buffer.backend == "kernels" else "-"
-        for tokens in tokens_list:
-            idx = _routing(tokens, experts, topk, seed=rank, device=device)
-            w = torch.rand(tokens, topk, device=device)
-            x = _payload(tokens, hidden, device)
+        for sms in (sm_counts if backend != "torch" else sm_counts[:1]):
+            buffer = Buffer(None, hidden, max_tokens_per_rank=max(tokens_list), num_sms=sms, backend=backend,
+                            kernel_config=KernelConfig(fp8=True, max_topk=topk))
+            buffers[(buffer.backend, buffer.num_sms if buffer.backend == "kernels" else "-")] = buffer
+    for tokens in tokens_list:
+        idx = _routing(tokens, experts, topk, seed=rank, device=device)
+        w = torch.rand(tokens, topk, device=device)
+        x = _payload(tokens, hidden, device)
+        per_rank = get_dispatch_layout(idx, experts, world).num_tokens_per_rank.tolist()
+        rows_sent, rows_remote = sum(per_rank), sum(per_rank) - per_rank[rank]
+        # (label, op, bytes per row, SMs, call): every backend and the peer, timed interleaved so that
+        # a drift of the clocks during the sweep reaches all of them alike
+        cases = []
+        for (name, sms), buffer in buffers.items():
             layout = buffer.get_dispatch_layout(idx, experts)
-            per_rank = layout.num_tokens_per_rank.tolist()
-            rows_sent, rows_remote = sum(per_rank), sum(per_rank) - per_rank[rank]
             recv = buffer.dispatch(x, idx, w, experts, layout=layout)
             y = torch.randn(recv[4].num_rows, hidden, device=device).bfloat16()
-            cases = [
-                ("dispatch", fp8_row, partial(buffer.dispatch, x, idx, w, experts, layout=layout)),
-                ("dispatch cached", fp8_row, partial(buffer.dispatch, x, None, w, experts, handle=recv[4])),
-                ("combine", 2 * hidden, partial(buffer.combine, y, recv[4], recv[2])),
+            cases += [
+                (name, "dispatch", fp8_row, sms, partial(buffer.dispatch, x, idx, w, experts, layout=layout)),
+                (name, "dispatch cached", fp8_row, sms, partial(buffer.dispatch, x, None, w, experts, handle=recv[4])),
+                (name, "combine", 2 * hidden, sms, partial(buffer.combine, y, recv[4], recv[2])),
             ]
-            for op, row_bytes, fn in cases:
-                seconds = _slowest(time_fn(fn, warmup=warmup, repeat=repeat, device=device).median, device)
-                _row(table, rows, backend=buffer.backend, op=op, tokens=tokens, seconds=seconds,
-                     sent=rows_sent * row_bytes, remote=rows_remote * row_bytes, world=world, sms=sms)
-            if backend == backends[0]:  # the peer: one all_to_all_single of the same bytes per direction
-                for op, row_bytes in (("dispatch", fp8_row), ("combine", 2 * hidden)):
-                    send = torch.empty(rows_sent * row_bytes, dtype=torch.uint8, device=device)
-                    in_splits = [c * row_bytes for c in per_rank]
-                    out_splits = torch.empty(world, dtype=torch.int64, device=device)
-                    dist.all_to_all_single(out_splits, torch.tensor(in_splits, device=device))
-                    out_splits = out_splits.tolist()
-                    recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
-                    peer = partial(dist.all_to_all_single, recv_buf, send, out_splits, in_splits)
-                    seconds = _slowest(time_fn(peer, warmup=warmup, repeat=repeat, device=device).median, device)
-                    _row(table, rows, backend=peer_name, op=op, tokens=tokens, seconds=seconds,
-                         sent=rows_sent * row_bytes, remote=rows_remote * row_bytes, world=world, sms="-")
+        for op, row_bytes in (("dispatch", fp8_row), ("combine", 2 * hidden)):
+            # the peer: one all_to_all_single of the same bytes per direction
+            send = torch.empty(rows_sent * row_bytes, dtype=torch.uint8, device=device)
+            in_splits = [c * row_bytes for c in per_rank]
+            out_splits = torch.empty(world, dtype=torch.int64, device=device)
+            dist.all_to_all_single(out_splits, torch.tensor(in_splits, device=device))
+            out_splits = out_splits.tolist()
+            recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
+            cases.append((peer_name, op, row_bytes, "-",
+                          partial(dist.all_to_all_single, recv_buf, send, out_splits, in_splits)))
+        times = time_fns({f"{i}": case[4] for i, case in enumerate(cases)}, warmup=warmup, repeat=repeat,
+                         device=device)
+        for i, (name, op, row_bytes, sms, _) in enumerate(cases):
+            seconds = _slowest(times[f"{i}"].median, device)
+            _row(table, rows, backend=name, op=op, tokens=tokens, seconds=seconds, sent=rows_sent * row_bytes,
+                 remote=rows_remote * row_bytes, world=world, sms=sms)
     table.print()
     if args.json:
         write_record(args.json, "moe_a2a", rows, world=world, hidden=hidden, experts=experts, topk=topk,
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="append the rows as a JSON record to this file")
     parser.add_argument("--backends", help="comma list of torch, kernels, auto (default: torch and, on GPUs, kernels)")
     parser.add_argument("--tokens", help="comma list of tokens per rank (default 512,1024,2048,4096)")
-    parser.add_argument("--num-sms", type=int, default=20, help="SMs for the kernels backend (default 20)")
+    parser.add_argument("--num-sms", default="20,24",
+                        help="comma list of SM counts for the kernels backend, each measured (default 20,24)")
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per row (default 30)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
     args = parser.parse_args(argv)
