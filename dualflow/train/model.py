@@ -1,6 +1,7 @@
 """A small decoder-only transformer in the DeepSeek-V3 shape, built so that any slice of it is a stage.
 
-- RMSNorm, rotary multi-head attention, SwiGLU feed-forward blocks;
+- RMSNorm, rotary attention (plain multi-head, or DeepSeek's multi-head latent attention with
+  ``attention = "mla"``), SwiGLU feed-forward blocks;
 - the first ``n_dense_layers`` layers dense, the rest mixture-of-experts: shared expert(s) plus routed
   experts, top-k of sigmoid affinities normalised over the selected experts, and auxiliary-loss-free
   balancing (a per-expert bias that only steers selection, nudged after each step toward balance);
@@ -14,7 +15,7 @@ forward chains them, the pipeline's overlapped forward/backward interleaves two 
 The token exchange of a MoE layer goes through an injected :class:`~dualflow.train.exchange.Exchange`
 (no communication in one process, ``dualflow.comm`` across ranks); the arithmetic is the same.
 
-No tensor of the forward is read by more than two autograd nodes (hence the fused ``wqkv`` and ``w13``,
+No tensor of the forward is read by more than two autograd nodes (hence the fused ``wqkv``, ``wkv_b`` and ``w13``,
 the single-node RMSNorm, the experts' one gather): its gradient is then a sum of at most two terms,
 which floating-point addition gives the same whatever the order, so a backward run phase by phase
 (the overlapped pipeline step) is bitwise equal to one autograd pass over the whole stage.
@@ -67,11 +68,31 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # attention: "mha" (rotary multi-head) or "mla" (multi-head latent attention, DeepSeek-V2/V3): queries
+    # through a rank-q_lora_rank latent (0: a direct projection), keys and values through one shared
+    # rank-kv_lora_rank latent; each head's query/key is a qk_nope_head_dim part without positions plus
+    # a qk_rope_head_dim rotary part (the key's rotary part shared by all heads); values v_head_dim wide.
+    attention: str = "mha"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
 
     def __post_init__(self) -> None:
         problems = []
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.attention not in ("mha", "mla"):
+            problems.append(f"attention={self.attention!r} must be 'mha' or 'mla'")
+        if self.attention == "mha" and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
             problems.append(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
+        if self.attention == "mla":
+            if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+                problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2")
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    problems.append(f"{name}={getattr(self, name)} must be >= 1")
+            if self.q_lora_rank < 0:
+                problems.append(f"q_lora_rank={self.q_lora_rank} must be >= 0 (0: no query latent)")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             problems.append(f"n_dense_layers={self.n_dense_layers} must lie in [0, n_layers={self.n_layers}]")
         if self.n_dense_layers < self.n_layers and not 1 <= self.top_k <= self.n_routed_experts:
@@ -85,9 +106,28 @@ class ModelConfig:
     def is_moe(self, layer: int) -> bool:
         return layer >= self.n_dense_layers
 
+    def attention_weights(self) -> int:
+        """Weights of one layer's attention projections (its norms not included)."""
+        d, h = self.dim, self.n_heads
+        if self.attention == "mha":
+            return 4 * d * d
+        qk = h * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+        r = self.q_lora_rank
+        q = d * r + r * qk if r else d * qk
+        kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * h * (
+            self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + h * self.v_head_dim * d
+
+    def attention_widths(self) -> tuple[int, int]:
+        """(query/key width, value width) summed over the heads."""
+        if self.attention == "mha":
+            return self.dim, self.dim
+        return (self.n_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim), self.n_heads * self.v_head_dim)
+
     def num_params(self, active: bool = False) -> int:
         """Parameter count (``active``: those one token uses, i.e. only ``top_k`` routed experts)."""
-        d, attn = self.dim, 4 * self.dim * self.dim + 2 * self.dim
+        latent_norms = (self.q_lora_rank + self.kv_lora_rank) if self.attention == "mla" else 0
+        d, attn = self.dim, self.attention_weights() + 2 * self.dim + latent_norms
         expert = 3 * d * self.expert_hidden
         routed = self.top_k if active else self.n_routed_experts
         moe = attn + self.n_shared_experts * expert + routed * expert + self.n_routed_experts * d
@@ -155,6 +195,47 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.wqkv(x).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(rotary(q, self.theta), rotary(k, self.theta), v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
+
+
+class LatentAttention(nn.Module):
+    """Causal multi-head latent attention (DeepSeek-V2/V3), computed with the keys and values expanded.
+
+    ``q = wq_b(q_norm(wq_a(x)))`` (or ``wq(x)`` without a query latent) splits per head into a part
+    without positions and a rotary part; ``wkv_a(x)`` gives the key/value latent and one rotary key part
+    shared by all heads; ``wkv_b(kv_norm(latent))`` gives each head's key part without positions and its
+    value. Scores use the full query/key width ``qk_nope_head_dim + qk_rope_head_dim``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, self.q_rank = cfg.kv_lora_rank, cfg.q_lora_rank
+        qk = cfg.n_heads * (self.nope + self.rope)
+        if self.q_rank:
+            self.wq_a = nn.Linear(cfg.dim, self.q_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_rank, qk, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, qk, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_rank, cfg.n_heads * (self.nope + self.vdim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.vdim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.n_heads
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_rank else self.wq(x)
+        q_nope, q_rope = q.view(b, s, h, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(b, s, h, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+        k_rope = rotary(k_rope.unsqueeze(1), self.theta).expand(b, h, s, self.rope)
+        q = torch.cat([q_nope, rotary(q_rope, self.theta)], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(nope + rope)
+        return self.wo(y.transpose(1, 2).reshape(b, s, h * self.vdim))
 
 
 class MLP(nn.Module):
@@ -238,7 +319,7 @@ class Layer(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.is_moe(layer_id):
             self.moe: MoE | None = MoE(cfg, expert_ids)

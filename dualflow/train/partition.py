@@ -19,7 +19,10 @@ SCHEDULES = ("dualpipev", "dualpipe", "1f1b", "zb1p")
 def layer_flops(cfg: ModelConfig, layer: int, seq_len: int) -> float:
     """Forward FLOPs per token of layer ``layer``."""
     d = cfg.dim
-    attn = 2 * 4 * d * d + 2 * 2 * seq_len * d  # projections + causal scores/values (half of seq^2)
+    qk, v = cfg.attention_widths()
+    # projections, then scores and values over the whole sequence (the usual MFU convention, which does
+    # not halve them for the causal mask): 8 d^2 + 4 seq d for plain multi-head attention
+    attn = 2 * cfg.attention_weights() + 2 * seq_len * (qk + v)
     if not cfg.is_moe(layer):
         return attn + 2 * 3 * d * cfg.dense_hidden
     experts = 2 * 3 * d * cfg.expert_hidden * (cfg.top_k + cfg.n_shared_experts)

@@ -7,10 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from dualflow.train.model import ModelConfig, RMSNorm, Router, Stage, cross_entropy, rotary
+from dualflow.train.model import LatentAttention, ModelConfig, RMSNorm, Router, Stage, cross_entropy, rotary
 
 CFG = ModelConfig(dim=32, n_layers=4, n_dense_layers=1, n_heads=4, dense_hidden=48, expert_hidden=16,
                   n_routed_experts=6, top_k=2)
+# multi-head latent attention, without and with a query latent (odd widths on purpose)
+MLA = dataclasses.replace(CFG, attention="mla", kv_lora_rank=24, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                          v_head_dim=10)
+MLA_Q = dataclasses.replace(MLA, q_lora_rank=20)
 
 
 def _model(cfg=CFG, seed=0, **kw):
@@ -108,11 +112,12 @@ def test_all_tokens_to_one_expert():
     torch.testing.assert_close(moe.routed(x, idx, w).double(), _dense_moe_reference(moe, x), rtol=1e-5, atol=1e-6)
 
 
-def test_slices_equal_the_whole_model_bitwise():
-    whole = _model(seed=3)
-    a = Stage(CFG, range(0, 1), first=True, last=False)
-    b = Stage(CFG, range(1, 3), first=False, last=False)
-    c = Stage(CFG, range(3, 4), first=False, last=True)
+@pytest.mark.parametrize("cfg", [CFG, MLA_Q], ids=["mha", "mla-q"])
+def test_slices_equal_the_whole_model_bitwise(cfg):
+    whole = _model(cfg, seed=3)
+    a = Stage(cfg, range(0, 1), first=True, last=False)
+    b = Stage(cfg, range(1, 3), first=False, last=False)
+    c = Stage(cfg, range(3, 4), first=False, last=True)
     for s in (a, b, c):
         s.init_weights(3)
     params = dict(whole.named_parameters())
@@ -131,8 +136,9 @@ def test_expert_shard_holds_its_global_experts():
     assert torch.equal(shard.layers["1"].moe.experts["4"].w13.weight, whole.layers["1"].moe.experts["4"].w13.weight)
 
 
-def test_attention_is_causal():
-    m = _model()
+@pytest.mark.parametrize("cfg", [CFG, MLA, MLA_Q], ids=["mha", "mla", "mla-q"])
+def test_attention_is_causal(cfg):
+    m = _model(cfg)
     x = _tokens()
     y = x.clone()
     y[:, 6:] = (y[:, 6:] + 1) % CFG.vocab_size
@@ -140,12 +146,14 @@ def test_attention_is_causal():
     assert not torch.allclose(m(x)[:, 6:], m(y)[:, 6:])
 
 
-def test_whole_model_gradient_matches_finite_difference():
-    cfg = dataclasses.replace(CFG, n_layers=2)
+@pytest.mark.parametrize("base, param", [(CFG, "moe.experts.0.w13.weight"), (MLA_Q, "attn.wkv_a.weight"),
+                                         (MLA_Q, "attn.wq_a.weight")], ids=["mha-expert", "mla-kv", "mla-q"])
+def test_whole_model_gradient_matches_finite_difference(base, param):
+    cfg = dataclasses.replace(base, n_layers=2)
     m = _model(cfg, compute_dtype=torch.float64).double()
     x = _tokens(2, 6)
     labels = _tokens(2, 6, seed=2)
-    p = m.layers["1"].moe.experts["0"].w13.weight
+    p = m.layers["1"].get_parameter(param)
     loss = cross_entropy(m(x), labels)
     loss.backward()
     # Routing is piecewise constant, so a small step along the gradient changes the loss linearly.
@@ -190,15 +198,55 @@ def test_bf16_compute_keeps_fp32_master_weights_and_is_close():
 
 
 @pytest.mark.parametrize("bad", [dict(dim=30, n_heads=4), dict(n_dense_layers=5), dict(top_k=7),
-                                 dict(dense_hidden=0)])
+                                 dict(dense_hidden=0), dict(attention="gqa"),
+                                 dict(attention="mla", qk_rope_head_dim=3), dict(attention="mla", kv_lora_rank=0),
+                                 dict(attention="mla", q_lora_rank=-1)])
 def test_invalid_config_names_the_problem(bad):
     with pytest.raises(ValueError, match="invalid model config"):
         dataclasses.replace(CFG, **bad)
 
 
 def test_num_params_counts_the_modules():
-    for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, n_shared_experts=2)):
+    for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, n_shared_experts=2), MLA, MLA_Q):
         assert cfg.num_params() == sum(p.numel() for p in _model(cfg).parameters())
     m = _model()
     per_expert = sum(p.numel() for p in m.layers["1"].moe.experts["0"].parameters())
     assert CFG.num_params() - CFG.num_params(active=True) == 3 * (CFG.n_routed_experts - CFG.top_k) * per_expert
+
+
+def _mla_reference(attn: LatentAttention, x: torch.Tensor) -> torch.Tensor:
+    """MLA written out head by head: explicit latents, per-head slices, masked softmax, no SDPA."""
+    s = x.shape[1]
+    h, nope, rope, vd = attn.n_heads, attn.nope, attn.rope, attn.vdim
+    if attn.q_rank:
+        q_lat = x @ attn.wq_a.weight.T
+        q_lat = q_lat / torch.sqrt((q_lat ** 2).mean(-1, keepdim=True) + 1e-6) * attn.q_norm.weight
+        q = q_lat @ attn.wq_b.weight.T
+    else:
+        q = x @ attn.wq.weight.T
+    kv_a = x @ attn.wkv_a.weight.T
+    latent, k_rope = kv_a[..., :attn.kv_rank], kv_a[..., attn.kv_rank:]
+    latent = latent / torch.sqrt((latent ** 2).mean(-1, keepdim=True) + 1e-6) * attn.kv_norm.weight
+    kv = latent @ attn.wkv_b.weight.T
+    k_rope = rotary(k_rope[:, None], attn.theta)[:, 0]  # [b, s, rope], shared by the heads
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    heads = []
+    for i in range(h):
+        qi = q[..., i * (nope + rope):(i + 1) * (nope + rope)]
+        qi = torch.cat([qi[..., :nope], rotary(qi[:, None, :, nope:], attn.theta)[:, 0]], dim=-1)
+        kvi = kv[..., i * (nope + vd):(i + 1) * (nope + vd)]
+        ki, vi = torch.cat([kvi[..., :nope], k_rope], dim=-1), kvi[..., nope:]
+        scores = (qi @ ki.transpose(1, 2)) / (nope + rope) ** 0.5
+        heads.append(scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vi)
+    return torch.cat(heads, dim=-1) @ attn.wo.weight.T
+
+
+@pytest.mark.parametrize("cfg", [MLA, MLA_Q], ids=["mla", "mla-q"])
+def test_latent_attention_matches_a_head_by_head_reference(cfg):
+    attn = LatentAttention(cfg).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    x = torch.randn(2, 9, cfg.dim, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _mla_reference(attn, x), rtol=1e-10, atol=1e-10)
+    assert attn.wkv_b.weight.shape == (cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)

@@ -75,3 +75,15 @@ def test_tied_embeddings_across_the_v(tmp_path):
     # Not bitwise: the shared weight's gradient adds the head's and the embedding's terms in the order the
     # schedule runs stage 3 and stage 0 backwards, one process adds them per micro-batch.
     assert _relative(results[0][0], reference) < 1e-5
+
+
+def test_latent_attention_trains_through_dualpipev_and_expert_parallel(tmp_path):
+    # Multi-head latent attention in the default layout (2 pipeline x 2 expert-parallel ranks, overlapped
+    # F&B): the same losses as one process, within the FP32 reduction-order bound of the test above.
+    mla = dict(attention="mla", q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+               v_head_dim=8)
+    reference = _single(tmp_path, model=mla)
+    results = run_workers(train_worker, 4, tiny(tmp_path / "pp", model=mla, parallel=dict(pp=2, dp=2)),
+                          timeout=180)
+    assert _relative(results[0][0], reference) < 1e-5
+    assert results[0][0] != _single(tmp_path / "mha")  # it is another model than the plain attention

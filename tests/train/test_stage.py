@@ -30,8 +30,13 @@ def _consumers(root) -> dict:
     return count
 
 
+MLA = dataclasses.replace(CFG, attention="mla", q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=6,
+                          qk_rope_head_dim=4, v_head_dim=10)
+
+
 @pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, tie_embeddings=True, n_shared_experts=2),
-                                 dataclasses.replace(CFG, n_shared_experts=0, n_dense_layers=0)])
+                                 dataclasses.replace(CFG, n_shared_experts=0, n_dense_layers=0), MLA,
+                                 dataclasses.replace(MLA, q_lora_rank=0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tensor_has_more_than_two_gradient_terms(cfg, dtype):
     # The property that makes a phase-by-phase backward equal to autograd's: addition of two terms does
@@ -120,7 +125,7 @@ def _assert_bitwise(results):
 
 
 @pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, n_shared_experts=2, top_k=3),
-                                 dataclasses.replace(CFG, tie_embeddings=False, n_dense_layers=3)])
+                                 dataclasses.replace(CFG, tie_embeddings=False, n_dense_layers=3), MLA])
 def test_overlapped_step_equals_plain_autograd_bitwise(cfg):
     _assert_bitwise(_run_both(cfg))
 
@@ -178,3 +183,21 @@ def test_records_are_released_after_a_plain_backward():
         cross_entropy(out, x).backward()
         del out
     assert not m._records  # the runtime ran autograd itself: the records went with their outputs
+
+
+def test_overlapped_step_with_fp8_latent_attention_bitwise():
+    from dualflow.fp8 import Fp8Linear, convert_to_fp8
+
+    converted = []
+
+    def setup(m0, m1):
+        for m in (m0, m1):
+            convert_to_fp8(m.stage)
+            converted.extend(type(getattr(m.stage.layers[k].attn, name)) for k in m.stage.layers
+                             for name in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"))
+
+    # every projection width a multiple of 16, so that all of them convert
+    cfg = dataclasses.replace(MLA, dim=128, n_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                              qk_rope_head_dim=16, v_head_dim=16)
+    _assert_bitwise(_run_both(cfg, setup))
+    assert converted and all(t is Fp8Linear for t in converted)  # the latent projections run in FP8
