@@ -30,36 +30,29 @@ def has_communication(schedule: Schedule) -> bool:
     return any(type(s) is Action and s.kind in COMM_KINDS for steps in schedule.actions for s in steps)
 
 
-def receives_for(schedule: Schedule, step: Step) -> list[Action]:
-    """RECV actions a step needs on its rank before it runs."""
+def _cross_rank(schedule: Schedule, step: Step, op: str) -> list[Action]:
+    """``op`` ("RECV" or "SEND") actions of a step: a forward receives from the previous stage and sends
+    to the next, a backward the other way round; only where that stage lives on another rank."""
     topo, place = schedule.topology, schedule.placement
     out = []
     for a in parts(step):
-        if a.kind == "F":
-            p = topo.prev[a.stage]
-            if p >= 0 and place[p] != place[a.stage]:
-                out.append(Action("RECV_F", a.stage, a.microbatch))
-        elif a.kind in ("B", "I"):
-            n = topo.next[a.stage]
-            if n >= 0 and place[n] != place[a.stage]:
-                out.append(Action("RECV_B", a.stage, a.microbatch))
+        if a.kind not in ("F", "B", "I"):
+            continue
+        forward = a.kind == "F"
+        other = (topo.prev if forward == (op == "RECV") else topo.next)[a.stage]
+        if other >= 0 and place[other] != place[a.stage]:
+            out.append(Action(f"{op}_{'F' if forward else 'B'}", a.stage, a.microbatch))
     return out
+
+
+def receives_for(schedule: Schedule, step: Step) -> list[Action]:
+    """RECV actions a step needs on its rank before it runs."""
+    return _cross_rank(schedule, step, "RECV")
 
 
 def sends_after(schedule: Schedule, step: Step) -> list[Action]:
     """SEND actions that follow a step on its rank."""
-    topo, place = schedule.topology, schedule.placement
-    out = []
-    for a in parts(step):
-        if a.kind == "F":
-            n = topo.next[a.stage]
-            if n >= 0 and place[n] != place[a.stage]:
-                out.append(Action("SEND_F", a.stage, a.microbatch))
-        elif a.kind in ("B", "I"):
-            p = topo.prev[a.stage]
-            if p >= 0 and place[p] != place[a.stage]:
-                out.append(Action("SEND_B", a.stage, a.microbatch))
-    return out
+    return _cross_rank(schedule, step, "SEND")
 
 
 def add_communication(schedule: Schedule) -> Schedule:
