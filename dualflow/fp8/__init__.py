@@ -15,6 +15,7 @@ from dualflow.fp8.gemm import (
     fp8_grouped_gemm,
     resolve_backend,
 )
+from dualflow.fp8.moe import fp8_grouped_mlp
 from dualflow.fp8.nn import Fp8GroupedLinear, Fp8Linear, Fp8WeightCache, invalidate_fp8_caches
 from dualflow.fp8.quant import (
     BLOCK,
@@ -46,6 +47,7 @@ __all__ = [
     "dequantize",
     "fp8_gemm",
     "fp8_grouped_gemm",
+    "fp8_grouped_mlp",
     "invalidate_fp8_caches",
     "quantize_1x128",
     "quantize_1x128_and_128x1",

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
-from dualflow.fp8.quant import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
+from dualflow.fp8.quant import BLOCK, quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
 from dualflow.fp8.recipe import Fp8Recipe
 
 _GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -80,12 +80,17 @@ class Fp8WeightCache:
         key = (weight._version, _OptimizerSteps.current(), weight.data_ptr(), weight.device, weight.dtype,
                tuple(weight.shape), recipe.pow2_scales, recipe.quant_backend)
         if key != self._key:
-            with torch.no_grad():
+            # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
                 w = weight.detach()
                 kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
                 if w.dim() == 2:
                     q, s = quantize_128x128(w, **kw)
-                else:  # experts are quantized one by one: a 128x128 block never spans two of them
+                elif w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
+                    experts, rows, cols = w.shape
+                    q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
+                    q, s = q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+                else:  # ragged rows: experts one by one, so that a block never spans two of them
                     parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
                     q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
             self._entry, self._key = _Fp8Weight(q, s), key
@@ -273,10 +278,13 @@ class Fp8GroupedLinear(nn.Module):
 
 
 def invalidate_fp8_caches(model: nn.Module) -> int:
-    """Drop the FP8 weight copies of every FP8 module in ``model``; returns how many were dropped."""
+    """Drop the FP8 weight copies of every module of ``model`` that keeps some (any module with an
+    ``invalidate_fp8_cache()`` method: the FP8 layers here, and other libraries' modules that follow the
+    same convention, such as MoE experts holding stacked weights); returns how many were dropped."""
     count = 0
     for module in model.modules():
-        if isinstance(module, (Fp8Linear, Fp8GroupedLinear)):
-            module.invalidate_fp8_cache()
+        drop = getattr(module, "invalidate_fp8_cache", None)
+        if callable(drop):
+            drop()
             count += 1
     return count

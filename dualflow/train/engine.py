@@ -33,16 +33,17 @@ class LocalEngine:
         self.stage, self.chunks, self.scale = stage, microbatches, loss_scale
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        total = torch.zeros((), dtype=torch.float64)
+        # the loss sum stays on the device: the caller reads it once, after the whole step
+        total = torch.zeros((), dtype=torch.float64, device=inputs.device)
         for x, y in zip(inputs.chunk(self.chunks), labels.chunk(self.chunks)):
             loss = cross_entropy(self.stage(x), y)
             (loss * self.scale).backward()
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
         return total, self.chunks
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=inputs.device)
         for x, y in zip(inputs.chunk(self.chunks), labels.chunk(self.chunks)):
-            total += cross_entropy(self.stage(x), y).double().cpu()
+            total += cross_entropy(self.stage(x), y).double()
         return total, self.chunks

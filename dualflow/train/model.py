@@ -16,7 +16,7 @@ The token exchange of a MoE layer goes through an injected :class:`~dualflow.tra
 (no communication in one process, ``dualflow.comm`` across ranks); the arithmetic is the same.
 
 No tensor of the forward is read by more than two autograd nodes (hence the fused ``wqkv``, ``wkv_b`` and ``w13``,
-the single-node RMSNorm, the experts' one gather): its gradient is then a sum of at most two terms,
+the single-node RMSNorm, the experts' one permutation): its gradient is then a sum of at most two terms,
 which floating-point addition gives the same whatever the order, so a backward run phase by phase
 (the overlapped pipeline step) is bitwise equal to one autograd pass over the whole stage.
 """
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualflow.train.exchange import Exchange, LocalExchange
+from dualflow.train.experts import GroupedExperts, per_expert_views
 
 State = dict[str, Any]
 
@@ -272,8 +273,9 @@ class Router(nn.Module):
             idx = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1, sorted=True).indices
             chosen = scores.gather(-1, idx)
             weights = chosen / chosen.sum(-1, keepdim=True) * self.scale
-        if self.training and torch.is_grad_enabled():
-            self.load += torch.bincount(idx.flatten(), minlength=self.load.numel()).to(self.load.dtype)
+        if self.training and torch.is_grad_enabled():  # a scatter-add: bincount would sync with the host
+            flat = idx.flatten()
+            self.load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
         return idx, weights
 
     @torch.no_grad()
@@ -290,26 +292,16 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Router(cfg)
         self.shared = MLP(cfg.dim, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        self.experts = nn.ModuleDict({str(e): MLP(cfg.dim, cfg.expert_hidden) for e in expert_ids})
+        self.experts = GroupedExperts(cfg.dim, cfg.expert_hidden, expert_ids)
 
-    def routed(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor,
+               all_local: bool = False) -> torch.Tensor:
         """Weighted sum over each received row's local experts (ids in ``local_idx``, -1 = elsewhere).
 
-        The (row, slot) pairs are sorted by expert so that each expert runs once on a contiguous block;
-        the weighted outputs go to their (row, slot) place and are summed over the slots.
+        Grouped GEMMs over expert-contiguous rows (dualflow.train.experts), with no host synchronisation;
+        ``all_local`` says that no id is -1.
         """
-        rows, slot = (local_idx >= 0).nonzero(as_tuple=True)
-        expert = local_idx[rows, slot]
-        order = torch.argsort(expert, stable=True)
-        rows, slot = rows[order], slot[order]
-        counts = torch.bincount(expert, minlength=len(self.experts)).tolist()
-        blocks = x.index_select(0, rows).split(counts)
-        outs = torch.cat([e(b) for e, b, n in zip(self.experts.values(), blocks, counts) if n] or [x[:0]])
-        acc = torch.promote_types(x.dtype, torch.float32)
-        weighted = outs.to(acc) * weights[rows, slot].unsqueeze(-1).to(acc)
-        pairs = torch.zeros(*local_idx.shape, x.shape[-1], dtype=acc, device=x.device).index_put((rows, slot),
-                                                                                                  weighted)
-        return pairs.sum(1).to(x.dtype)
+        return self.experts(x, local_idx, weights, all_local)
 
 
 class Layer(nn.Module):
@@ -341,12 +333,13 @@ class Layer(nn.Module):
     def phase_dispatch(self, s: State) -> State:
         recv = self.exchange.dispatch(s["flat"], s["idx"], s["weights"])
         return {"h": s["h"], "xn": s["xn"], "recv_x": recv.x, "recv_idx": recv.local_idx, "recv_w": recv.weights,
-                "handle": recv.handle}
+                "handle": recv.handle, "all_local": isinstance(self.exchange, LocalExchange)}
 
     def phase_mlp(self, s: State) -> State:
         if self.moe is None:
             return {"x": s["h"] + self.mlp(s["xn"])}
-        out = {"h": s["h"], "y": self.moe.routed(s["recv_x"], s["recv_idx"], s["recv_w"]), "handle": s["handle"]}
+        y = self.moe.routed(s["recv_x"], s["recv_idx"], s["recv_w"], s.get("all_local", False))
+        out = {"h": s["h"], "y": y, "handle": s["handle"]}
         if self.moe.shared is not None:
             out["shared"] = self.moe.shared(s["xn"])
         return out
@@ -440,13 +433,17 @@ class Stage(nn.Module):
         whole model in one process.
         """
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        experts = {name: m.expert_ids for name, m in self.named_modules() if isinstance(m, GroupedExperts)}
+        for param_name, param in self.named_parameters():
+            owner = param_name.rpartition(".")[0]
+            # stacked experts: each expert from its own global name, so any expert-parallel split matches
+            for name, p in per_expert_views(param_name, param, experts.get(owner, ())).items():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                    continue
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
         for router in self.moe_routers().values():
             router.bias.zero_()
             router.load.zero_()

@@ -26,10 +26,12 @@ from dualflow.train.checkpoint import CheckpointManager
 from dualflow.train.config import TrainConfig
 from dualflow.train.data import BatchLoader, load_streams, validation_batches
 from dualflow.train.engine import Engine, LocalEngine
+from dualflow.train.experts import GroupedExperts, per_expert_views
 from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
 from dualflow.train.model import Stage
 from dualflow.train.optim import AdamW, learning_rate
-from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, reduce_gradients, zero1_owners
+from dualflow.train.parallel import (Topology, broadcast_owned, clip_gradients, is_expert, reduce_gradients,
+                                     zero1_owners)
 from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
 
 
@@ -116,10 +118,15 @@ class Trainer:
     def _setup_fp8(self) -> str:
         from dualflow.fp8 import Fp8Recipe, convert_to_fp8
 
-        reports = [convert_to_fp8(stage, Fp8Recipe()) for stage in self.stages]
+        recipe = Fp8Recipe()
+        reports = [convert_to_fp8(stage, recipe) for stage in self.stages]
+        grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
+        for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)
+            experts.fp8_recipe = recipe
         converted = sum(len(r.converted) for r in reports)
         kept = sorted({name.split(".")[-1] for r in reports for name, _ in r.skipped})
-        return f"FP8: {converted} linear layers converted; kept in high precision: {', '.join(kept) or 'none'}"
+        return (f"FP8: {converted} linear layers converted, the routed experts of {len(grouped)} MoE layer(s) run as "
+                f"grouped FP8 GEMMs; kept in high precision: {', '.join(kept) or 'none'}")
 
     def _setup_exchange(self) -> None:
         if self.cfg.parallel.dp == 1:
@@ -147,7 +154,12 @@ class Trainer:
         state: dict[str, torch.Tensor] = {}
         for stage in self.stages:
             state.update({f"model.{k}": v for k, v in stage.state_dict().items()})
-        state.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
+        experts = self.topo.expert_ids(self.cfg.model.n_routed_experts) if any(map(is_expert, self.params)) else ()
+        for key, value in self.optimizer.state_dict().items():
+            # moments of stacked experts are saved per expert, under the names the model's state_dict uses
+            name, _, kind = key.rpartition(".")
+            state.update({f"optim.{n}.{kind}": v for n, v in per_expert_views(name, value, experts).items()}
+                         if name else {f"optim.{key}": value})
         state.update({f"data.{k}": v for k, v in self.loader.state_dict().items()})
         state["train.step"] = torch.tensor(self.step, dtype=torch.int64)
         state[f"rng.cpu.rank{self.topo.rank}"] = torch.get_rng_state()

@@ -82,12 +82,11 @@ def test_router_counts_load_in_training_and_bias_moves_toward_balance():
 def _dense_moe_reference(moe, x):
     """Per token: shared(x) + sum over its top-k experts of weight * expert(x), looping token by token."""
     idx, w = moe.gate(x)
-    experts = list(moe.experts.values())
     out = []
     for t in range(x.shape[0]):
         y = torch.zeros(x.shape[1], dtype=torch.float64)
         for k in range(idx.shape[1]):
-            y += w[t, k].double() * experts[idx[t, k]](x[t:t + 1])[0].double()
+            y += w[t, k].double() * moe.experts.expert(int(idx[t, k]), x[t:t + 1])[0].double()
         out.append(y)
     return torch.stack(out)
 
@@ -132,8 +131,10 @@ def test_expert_shard_holds_its_global_experts():
     shard = Stage(CFG, range(CFG.n_layers), first=True, last=True, expert_ids=range(3, 6))
     shard.init_weights(0)
     whole = _model()
-    assert list(shard.layers["1"].moe.experts) == ["3", "4", "5"]
-    assert torch.equal(shard.layers["1"].moe.experts["4"].w13.weight, whole.layers["1"].moe.experts["4"].w13.weight)
+    assert shard.layers["1"].moe.experts.expert_ids == (3, 4, 5)
+    assert torch.equal(shard.layers["1"].moe.experts.w13[1], whole.layers["1"].moe.experts.w13[4])
+    assert torch.equal(shard.state_dict()["layers.1.moe.experts.4.w2.weight"],
+                       whole.state_dict()["layers.1.moe.experts.4.w2.weight"])
 
 
 @pytest.mark.parametrize("cfg", [CFG, MLA, MLA_Q], ids=["mha", "mla", "mla-q"])
@@ -146,7 +147,7 @@ def test_attention_is_causal(cfg):
     assert not torch.allclose(m(x)[:, 6:], m(y)[:, 6:])
 
 
-@pytest.mark.parametrize("base, param", [(CFG, "moe.experts.0.w13.weight"), (MLA_Q, "attn.wkv_a.weight"),
+@pytest.mark.parametrize("base, param", [(CFG, "moe.experts.w13"), (MLA_Q, "attn.wkv_a.weight"),
                                          (MLA_Q, "attn.wq_a.weight")], ids=["mha-expert", "mla-kv", "mla-q"])
 def test_whole_model_gradient_matches_finite_difference(base, param):
     cfg = dataclasses.replace(base, n_layers=2)
@@ -210,7 +211,7 @@ def test_num_params_counts_the_modules():
     for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, n_shared_experts=2), MLA, MLA_Q):
         assert cfg.num_params() == sum(p.numel() for p in _model(cfg).parameters())
     m = _model()
-    per_expert = sum(p.numel() for p in m.layers["1"].moe.experts["0"].parameters())
+    per_expert = sum(p[0].numel() for p in m.layers["1"].moe.experts.parameters())
     assert CFG.num_params() - CFG.num_params(active=True) == 3 * (CFG.n_routed_experts - CFG.top_k) * per_expert
 
 

@@ -1,0 +1,187 @@
+"""FP8 MoE experts: a SwiGLU expert block over expert-contiguous rows, every GEMM block-scaled FP8.
+
+``fp8_grouped_mlp(x, w13, w2, offsets, recipe)`` computes, for each expert block ``g`` of rows
+``offsets[g]:offsets[g+1]`` of ``x [T, D]``::
+
+    h = x @ w13[g].T          (w13 [E, 2H, D]; h = [gate | up])
+    a = silu(gate) * up
+    y = a @ w2[g].T           (w2 [E, D, H])
+
+in the layout of DeepSeek-V3's recipe: ``x``, ``a`` and the output gradients quantized 1x128, the
+weights 128x128 (cached per optimizer step, like ``Fp8Linear``), the weight gradients from 128x1
+quantizations (1x128 along the tokens) with one GEMM grouped along the tokens for all experts. SwiGLU
+is fused with the quantization of its output, and its backward with the quantization of ``dh``.
+
+Contract: ``offsets`` is an int32/int64 device tensor ``[E + 1]``, non-decreasing from 0, every entry a
+multiple of 128 (no 128-row tile spans two experts); it is never read on the host. Rows after the last
+block are neither read nor written meaningfully: their outputs and input gradients are undefined.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1
+from dualflow.fp8.recipe import Fp8Recipe
+
+
+def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
+    # the quantization backend decides, as for the quantizers: "auto" runs Triton on CUDA tensors only,
+    # "triton" also under the interpreter on the CPU
+    if recipe.quant_backend == "reference" or (recipe.quant_backend == "auto" and not x.is_cuda):
+        return False
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.float().chunk(2, dim=-1)
+    return gate / (1.0 + torch.exp(-gate)) * up
+
+
+def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = None,
+                    end: torch.Tensor | None = None) -> tuple[Quantized, Quantized]:
+    """``silu(gate) * up`` of ``h = [gate | up]`` in FP32, quantized 1x128 and 128x1 (see quantize_1x128_and_128x1).
+
+    ``end`` (a device scalar) lets the fused kernel skip the rows from ``end`` on (left undefined).
+    """
+    if fused is None:
+        fused = _kernels_usable(h, recipe)
+    if fused:
+        from dualflow.fp8.kernels.swiglu import swiglu_forward
+
+        q, s, qt, st = swiglu_forward(h, recipe.pow2_scales, end)
+        return (q, s), (qt, st)
+    return quantize_1x128_and_128x1(_swiglu(h), pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+
+
+def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = None,
+                             end: torch.Tensor | None = None) -> tuple[Quantized, Quantized]:
+    """The gradient of :func:`swiglu_quantize`'s input, ``dh [T, 2H]``, quantized 1x128 and 128x1."""
+    hidden = h.shape[1] // 2
+    if fused is None:
+        fused = _kernels_usable(h, recipe) and hidden % BLOCK == 0
+    if fused:
+        from dualflow.fp8.kernels.swiglu import swiglu_backward
+
+        q, s, qt, st = swiglu_backward(h, da, recipe.pow2_scales, end)
+        return (q, s), (qt, st)
+    gate, up = h.float().chunk(2, dim=-1)
+    sig = 1.0 / (1.0 + torch.exp(-gate))
+    d = da.float()
+    dh = torch.cat([d * up * (sig * (1.0 + gate * (1.0 - sig))), d * (gate * sig)], dim=-1)
+    return quantize_1x128_and_128x1(dh, pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+
+
+def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,
+                  fused: bool | None = None) -> torch.Tensor:
+    """FP32 ``out[g] = a[:, block g] @ b[:, block g].T`` for 128x1-quantized ``a [N, T]``, ``b [M, T]``.
+
+    The kernel reads ``offsets`` on the device; the reference (``fused=False``) loops over the experts on
+    the host.
+    """
+    (aq, as_), (bq, bs) = a, b
+    groups = offsets.numel() - 1
+    out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
+    if fused is None:
+        fused = _kernels_usable(aq, recipe)
+    if fused:
+        from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
+
+        return kgrouped_wgrad(aq, as_, bq, bs, offsets, out)
+    bounds = offsets.tolist()
+    for g in range(groups):
+        lo, hi = bounds[g], bounds[g + 1]
+        if lo % BLOCK or hi % BLOCK:
+            raise ValueError(f"expert block {g} spans rows {lo}:{hi}; grouped weight gradients need offsets that "
+                             f"are multiples of {BLOCK}")
+        kb0, kb1 = lo // BLOCK, hi // BLOCK
+        out[g] = fp8_gemm(aq[:, lo:hi], as_[:, kb0:kb1], bq[:, lo:hi], bs[:, kb0:kb1], out_dtype=torch.float32,
+                          backend="reference", b_block="1x128") if hi > lo else 0
+    return out
+
+
+class _Fp8GroupedMLPFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches):
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+        (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
+        h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
+                             backend=recipe.backend)
+        (aq, as_), at = swiglu_quantize(h, recipe, end=offsets[-1:])
+        y = fp8_grouped_gemm(aq, as_, w2_8.q, w2_8.scales, group_offsets=offsets, out_dtype=out_dtype,
+                             backend=recipe.backend)
+        ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets)
+        ctx.weights, ctx.recipe, ctx.x_dtype = (w13_8, w2_8), recipe, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, xtq, xts, atq, ats, offsets = ctx.saved_tensors
+        recipe = ctx.recipe
+        w13_8, w2_8 = ctx.weights
+        (gq, gs), gt = quantize_1x128_and_128x1(dy.contiguous(), pow2_scales=recipe.pow2_scales,
+                                                backend=recipe.quant_backend)
+        w2tq, w2ts = w2_8.transposed()
+        da = fp8_grouped_gemm(gq, gs, w2tq, w2ts, group_offsets=offsets, out_dtype=torch.bfloat16,
+                              backend=recipe.backend)
+        dw2 = grouped_wgrad(gt, (atq, ats), offsets, recipe) if ctx.needs_input_grad[2] else None
+        (dhq, dhs), dht = swiglu_backward_quantize(h, da, recipe, end=offsets[-1:])
+        dx = dw13 = None
+        if ctx.needs_input_grad[0]:
+            w13tq, w13ts = w13_8.transposed()
+            dx = fp8_grouped_gemm(dhq, dhs, w13tq, w13ts, group_offsets=offsets,
+                                  out_dtype=ctx.x_dtype if ctx.x_dtype != torch.float64 else torch.float32,
+                                  backend=recipe.backend)
+        if ctx.needs_input_grad[1]:
+            dw13 = grouped_wgrad(dht, (xtq, xts), offsets, recipe)
+        return dx, dw13, dw2, None, None, None
+
+
+def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
+                    recipe: Fp8Recipe | None = None, caches=None) -> torch.Tensor:
+    """The SwiGLU experts of the module docstring, forward and backward in FP8.
+
+    ``caches`` is a pair of :class:`~dualflow.fp8.Fp8WeightCache` (for ``w13`` and ``w2``) that keeps the
+    weights' FP8 copies between calls; without it they are quantized on every call.
+    """
+    from dualflow.fp8.nn import Fp8WeightCache
+
+    recipe = recipe or Fp8Recipe()
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"fp8_grouped_mlp takes x [T, D], w13 [E, 2H, D], w2 [E, D, H]; got x {tuple(x.shape)}, "
+                         f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    experts, two_h, dim = w13.shape
+    if w2.shape != (experts, dim, two_h // 2) or two_h % 2 or x.shape[1] != dim:
+        raise ValueError(f"fp8_grouped_mlp: w13 [E, 2H, D] = {tuple(w13.shape)} needs w2 [E, D, H] = "
+                         f"{(experts, dim, two_h // 2)} and x [T, {dim}]; got w2 {tuple(w2.shape)}, x {tuple(x.shape)}")
+    if dim % 16 or (two_h // 2) % 16:
+        raise ValueError(f"fp8_grouped_mlp needs dim and hidden multiples of 16 (FP8 GEMM alignment), got dim={dim}, "
+                         f"hidden={two_h // 2}")
+    if offsets.shape != (experts + 1,) or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"offsets must be int32/int64 of shape ({experts + 1},), got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    caches = caches or (Fp8WeightCache(), Fp8WeightCache())
+    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches)
+
+
+def grouped_mlp_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The same block-by-block SwiGLU in the input's precision (FP32 accumulation), for the tests."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    for g in range(w13.shape[0]):
+        lo, hi = bounds[g], bounds[g + 1]
+        gate, up = F.linear(x[lo:hi], w13[g].to(x.dtype)).chunk(2, dim=-1)
+        out[lo:hi] = F.linear(F.silu(gate) * up, w2[g].to(x.dtype))
+    return out

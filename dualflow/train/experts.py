@@ -1,0 +1,208 @@
+"""A rank's routed experts as stacked weights, run as grouped GEMMs over expert-contiguous rows.
+
+:class:`GroupedExperts` holds the SwiGLU experts of one rank as two tensors, ``w13 [E, 2H, D]`` (gate and
+up projections) and ``w2 [E, D, H]`` (down projection), and computes all of them with one grouped GEMM
+per projection (forward, input gradient and weight gradient alike):
+
+1. :func:`plan_routes` sorts the received (row, slot) pairs by local expert on the device, with every
+   expert's block starting at a multiple of ``align`` rows (the FP8 kernels' 128-row tiles then never
+   mix two experts' tokens). The permuted buffer has a static size, ``pairs + E * (align - 1)`` rows,
+   so nothing is read back to the host; pairs routed to no local expert (-1, expert parallelism) are
+   parked after the last expert's block, where no GEMM reads or writes.
+2. the grouped GEMMs: BF16/FP32 through ``torch._grouped_mm``; FP8 (``fp8_recipe`` set) through
+   :func:`dualflow.fp8.fp8_grouped_mlp` (1x128 activations, 128x128 weights, the weight gradient
+   grouped along the tokens, SwiGLU fused with the quantization of its output).
+3. the outputs return to their (row, slot) place, are weighted in FP32 and summed over the slots.
+
+:func:`routed_reference` is the plain per-expert loop the tests compare against.
+
+The module's ``state_dict`` keeps one entry per expert under its global id
+(``{e}.w13.weight [2H, D]``, ``{e}.w2.weight [D, H]``), so checkpoints and exports do not depend on the
+stacking or on how experts are spread over ranks; :func:`per_expert_views` gives the same split for
+any tensor shaped like a stacked parameter (optimizer moments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_STACKED = ("w13", "w2")
+_STACKED_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<attr>w13|w2)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """Where each (row, slot) pair goes in the permuted buffer, and the experts' blocks there.
+
+    ``dest [N * k]``: row of the permuted buffer for each pair (distinct for distinct pairs);
+    ``ends [E]``: each expert's block ends (int32, cumulative, blocks start at multiples of ``align``);
+    ``valid [N * k]``: the pair has a local expert; ``rows``: the permuted buffer's static row count.
+    """
+
+    dest: torch.Tensor
+    ends: torch.Tensor
+    valid: torch.Tensor | None
+    rows: int
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[E + 1]`` block boundaries from 0 (the contiguous layout of the FP8 grouped GEMMs)."""
+        return F.pad(self.ends, (1, 0))
+
+
+def plan_routes(local_idx: torch.Tensor, n_experts: int, align: int, all_local: bool = False) -> RoutePlan:
+    """Expert-contiguous placement of the pairs of ``local_idx [N, k]`` (-1: no local expert), on the device.
+
+    ``all_local`` promises that no entry is -1 (one process holds every expert), which spares the masking.
+    """
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    expert = local_idx.reshape(-1).long()
+    pairs = expert.numel()
+    sentinel = expert.new_full((), n_experts)
+    key = expert if all_local else torch.where(expert < 0, sentinel, expert)
+    # int64 counts by scatter-add (bincount would read its size back to the host)
+    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:n_experts] + (align - 1)) // align * align
+    ends = torch.cumsum(padded, 0)
+    starts = torch.cat([ends.new_zeros(1), ends])  # the parked pairs start after the last block
+    first = torch.cumsum(counts, 0) - counts  # each key's first position in sorted order
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    rank_in_group = torch.arange(pairs, device=key.device) - first[sorted_key]
+    dest = torch.empty_like(order).scatter_(0, order, starts[sorted_key] + rank_in_group)
+    rows = pairs + n_experts * (align - 1)
+    return RoutePlan(dest, ends.to(torch.int32), None if all_local else key < n_experts, rows)
+
+
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x[block g] @ w[g].T`` for the blocks ending at ``ends``; rows after the last block are undefined."""
+    if x.dtype in _GROUPED_MM_DTYPES:
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
+    # float64 (finite-difference tests): one GEMM per expert, which reads the block ends on the host
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        out[start:end] = x[start:end] @ w[g].T
+        start = end
+    return out
+
+
+def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``w2[g] (silu(gate) * up)`` with ``gate, up = w13[g] x`` per expert block; high-precision GEMMs."""
+    dtype = x.dtype
+    h = _grouped_mm(x, w13.to(dtype), ends)
+    gate, up = h.chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, w2.to(dtype), ends)
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts ``expert_ids`` (global ids) of one rank, stacked; see the module docstring."""
+
+    def __init__(self, dim: int, hidden: int, expert_ids: Iterable[int]) -> None:
+        super().__init__()
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        n = len(self.expert_ids)
+        self.dim, self.hidden = dim, hidden
+        self.w13 = nn.Parameter(torch.empty(n, 2 * hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
+        self.fp8_recipe: Any = None  # a dualflow.fp8.Fp8Recipe: the expert GEMMs run in FP8
+        self._fp8_caches: Any = None
+        self._register_load_state_dict_pre_hook(self._stack_on_load)
+
+    def __len__(self) -> int:
+        return len(self.expert_ids)
+
+    def extra_repr(self) -> str:
+        ids = self.expert_ids
+        span = f"{ids[0]}..{ids[-1]}" if ids else "none"
+        return f"experts={len(ids)} ({span}), dim={self.dim}, hidden={self.hidden}, fp8={self.fp8_recipe is not None}"
+
+    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert ``i`` on rows ``x`` in plain torch (the reference's building block)."""
+        gate, up = F.linear(x, self.w13[i].to(x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[i].to(x.dtype))
+
+    def align(self) -> int:
+        # FP8: 128-row blocks (the 128x1 quantization of the weight gradient stays inside one expert);
+        # otherwise 16 rows keep each block 16-byte aligned for the grouped GEMM at no measurable cost
+        return 128 if self.fp8_recipe is not None else 16
+
+    def forward(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor,
+                all_local: bool = False) -> torch.Tensor:
+        """Weighted sum over each row's local experts: ``x [N, D]``, ``local_idx``/``weights [N, k]``."""
+        n, k = local_idx.shape
+        plan = plan_routes(local_idx, len(self), self.align(), all_local)
+        pairs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, -1)
+        if plan.valid is not None:  # parked pairs: no GEMM writes their rows or their gradients
+            pairs = torch.where(plan.valid[:, None], pairs, 0)
+        permuted = x.new_zeros(plan.rows, x.shape[-1]).index_copy(0, plan.dest, pairs)
+        if self.fp8_recipe is not None:
+            out = self._fp8(permuted, plan)
+        else:
+            out = grouped_swiglu(permuted, self.w13, self.w2, plan.ends)
+        y = out.index_select(0, plan.dest)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        weighted = y.to(acc) * weights.reshape(-1, 1).to(acc)
+        if plan.valid is not None:
+            weighted = torch.where(plan.valid[:, None], weighted, 0)
+        return weighted.view(n, k, -1).sum(1).to(x.dtype)
+
+    def _fp8(self, permuted: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        from dualflow.fp8 import Fp8WeightCache, fp8_grouped_mlp
+
+        if self._fp8_caches is None:
+            self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
+        return fp8_grouped_mlp(permuted, self.w13, self.w2, plan.offsets, self.fp8_recipe, self._fp8_caches)
+
+    def invalidate_fp8_cache(self) -> None:
+        self._fp8_caches = None
+
+    # -------------------------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for attr in _STACKED:
+            stacked = getattr(self, attr)
+            for i, e in enumerate(self.expert_ids):
+                destination[f"{prefix}{e}.{attr}.weight"] = stacked[i] if keep_vars else stacked.detach()[i]
+
+    def _stack_on_load(self, state_dict: dict, prefix: str, *_args) -> None:
+        # per-expert entries -> the stacked parameters (missing entries stay missing: strict loads report them)
+        for attr in _STACKED:
+            keys = [f"{prefix}{e}.{attr}.weight" for e in self.expert_ids]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + attr] = torch.stack([state_dict.pop(k) for k in keys])
+
+
+def per_expert_views(name: str, tensor: torch.Tensor, expert_ids: Iterable[int]) -> dict[str, torch.Tensor]:
+    """``{per-expert name: view}`` for a tensor shaped like the stacked parameter ``name``; ``{name: tensor}``
+    when ``name`` is not a stacked expert parameter (``...experts.w13`` -> ``...experts.{e}.w13.weight``)."""
+    match = _STACKED_NAME.match(name)
+    if match is None:
+        return {name: tensor}
+    ids = list(expert_ids)
+    if tensor.shape[0] != len(ids):
+        raise ValueError(f"{name}: {tensor.shape[0]} stacked experts, but {len(ids)} expert ids {ids}")
+    return {f"{match['prefix']}.{e}.{match['attr']}.weight": tensor[i] for i, e in enumerate(ids)}
+
+
+def routed_reference(experts: GroupedExperts, x: torch.Tensor, local_idx: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """The plain per-expert loop: each local expert once on the rows that selected it (host-synchronising)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
+    for i in range(len(experts)):
+        rows, slot = (local_idx == i).nonzero(as_tuple=True)
+        if rows.numel():
+            y = experts.expert(i, x.index_select(0, rows)).to(acc)
+            out.index_add_(0, rows, y * weights[rows, slot].unsqueeze(-1).to(acc))
+    return out.to(x.dtype)
