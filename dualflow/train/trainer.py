@@ -30,8 +30,7 @@ from dualflow.train.experts import GroupedExperts, per_expert_views
 from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
 from dualflow.train.model import Stage
 from dualflow.train.optim import AdamW, learning_rate
-from dualflow.train.parallel import (Topology, broadcast_owned, clip_gradients, is_expert, reduce_gradients,
-                                     zero1_owners)
+from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, is_expert, reduce_gradients, zero1_owners
 from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
 
 
