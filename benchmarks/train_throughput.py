@@ -12,6 +12,14 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 
 - ``base``: the config as it is, FP8 off, overlap on;  ``fp8``: FP8 linears (and FP8 dispatch as the
   config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``.
+- ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
+  batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
+
+``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
+``--profile`` profiles one step after the warm-up of each dualflow variant and prints where its time
+went (host vs device, top kernels; train/profile.py); the full text stays in the run directory.
+No variant writes a checkpoint (``checkpoint.enabled = false``): a model of this size with its optimizer
+state would fill a GPU machine's disk.
 
 ``--smoke`` runs configs/tiny_moe.toml on 2 CPU processes for a few steps (seconds per variant).
 """
@@ -37,6 +45,8 @@ VARIANTS = {
     "fp8": ["--train.fp8=true", "--parallel.overlap=true"],
     "base-serial": ["--train.fp8=false", "--parallel.overlap=false"],
     "fp8-serial": ["--train.fp8=true", "--parallel.overlap=false"],
+    "hf-eager": [],
+    "hf-grouped_mm": [],
 }
 COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss"]
 
@@ -62,7 +72,19 @@ def _run(config: Path, nproc: int, steps: int, extra: list[str], run_dir: Path, 
     cmd = [sys.executable, "-m", "dualflow", "launch", "--nproc-per-node", str(nproc), "--log-dir",
            str(run_dir / "logs"), "--", "-m", "dualflow", "train", str(config), "--fresh",
            f"--train.steps={steps}", f"--train.run_dir={run_dir}", f"--train.val_every={steps}",
-           "--train.val_batches=1", "--checkpoint.every=0", *extra]
+           "--train.val_batches=1", "--checkpoint.enabled=false", *extra]
+    _call(cmd, log)
+
+
+def _run_peer(config: Path, experts: str, steps: int, warmup: int, sets: list[str], out: Path, log: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hf_peer.py"), str(config), "--experts", experts,
+           "--steps", str(steps), "--warmup", str(warmup), "--json-out", str(out),
+           *(f"--override={s}" for s in sets)]
+    _call(cmd, log)
+    return json.loads(out.read_text())
+
+
+def _call(cmd: list[str], log: Path) -> None:
     with log.open("w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
     if proc.returncode != 0:
@@ -80,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep each run's directory under this path")
     parser.add_argument("--json", type=Path, help="append the table as a JSON record to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny_moe on 2 CPU processes, a few steps")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every variant (repeatable)")
+    parser.add_argument("--profile", action="store_true", help="profile one step of each dualflow variant")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -90,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config {config} not found" if config else "give a config (or --smoke)")
     steps = args.steps or (4 if args.smoke else 40)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
-    extra: list[str] = []
+    sets = [s.removeprefix("--") for s in args.set]
     if args.smoke:  # 2 processes: 1 pipeline rank x 2 expert-parallel ranks, a small batch
-        extra = ["--parallel.pp=1", "--parallel.dp=2", "--parallel.microbatches=2", "--train.global_batch=4"]
+        sets = ["parallel.pp=1", "parallel.dp=2", "parallel.microbatches=2", "train.global_batch=4", *sets]
+    extra = [f"--{s}" for s in sets]
+    if args.profile:
+        extra.append(f"--train.profile_step={min(warmup + 2, steps)}")
     nproc = args.nproc or (2 if args.smoke else _world(config))
     table = Table(COLUMNS, title=f"training throughput: {config.name}, {nproc} process(es), {steps} steps, "
                                  f"medians after step {warmup}")
@@ -104,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = root / name
             run_dir.mkdir(parents=True, exist_ok=True)
             print(f"train_throughput: {name} ...", file=sys.stderr, flush=True)
-            _run(config, nproc, steps, [*extra, *VARIANTS[name]], run_dir, run_dir / "launch.log")
-            s = summarize(run_dir / "metrics.jsonl", warmup)
+            if name.startswith("hf-"):
+                s = _run_peer(config, name[3:], steps, warmup, sets, run_dir / "peer.json", run_dir / "launch.log")
+                s["mfu"] = None
+            else:
+                _run(config, nproc, steps, [*extra, *VARIANTS[name]], run_dir, run_dir / "launch.log")
+                s = summarize(run_dir / "metrics.jsonl", warmup)
+                if args.profile:
+                    _show_profile(name, run_dir / "profile-rank0.txt")
             base = base or s["tokens_per_s"]
             row = {"variant": name, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
@@ -118,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         write_record(args.json, "train_throughput", rows, config=str(config), nproc=nproc, steps=steps,
                      warmup=warmup, smoke=args.smoke)
     return 0
+
+
+def _show_profile(name: str, path: Path, lines: int = 40) -> None:
+    if not path.is_file():
+        print(f"train_throughput: {name}: no profile written ({path})", file=sys.stderr)
+        return
+    head = path.read_text().splitlines()[:lines]
+    print(f"--- profile of {name} (first {lines} lines of {path}) ---", *head, sep="\n", file=sys.stderr, flush=True)
 
 
 def _world(config: Path) -> int:

@@ -26,6 +26,9 @@ class RunConfig:
     val_every: int = 50
     val_batches: int = 4
     run_dir: str = "runs/default"
+    # profile_step: profile this step (1-based; 0 = off) into RUN_DIR/profile-rank{R}.txt (train/profile.py)
+    profile_step: int = 0
+    profile_trace: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -42,6 +45,7 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 2
     dir: str = ""
+    enabled: bool = True  # false: no checkpoint at all, not even the final one (benchmarks)
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:

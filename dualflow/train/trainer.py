@@ -32,6 +32,7 @@ from dualflow.train.model import Stage
 from dualflow.train.optim import AdamW, learning_rate
 from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, is_expert, reduce_gradients, zero1_owners
 from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
+from dualflow.train.profile import profiled
 
 
 class TrainingDiverged(RuntimeError):
@@ -308,7 +309,10 @@ class Trainer:
             self.log.write({"step": 0, "val_loss": val_losses[0]})
             self.log.info(f"step     0/{cfg.train.steps} initial validation loss {val_losses[0]:.4f}")
         while self.step < cfg.train.steps:
-            record = self.train_step()
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+            with profiled(self.step + 1 == cfg.train.profile_step, self.run_dir / f"profile-rank{self.topo.rank}.txt",
+                          cfg.train.profile_trace, sync):
+                record = self.train_step()
             losses[self.step] = record["loss"]
             record["mfu"] = self._mfu(record["tokens_per_s"])
             record["peak_memory_mb"] = peak_memory_mb(self.device)
@@ -316,7 +320,7 @@ class Trainer:
                 record["val_loss"] = val_losses[self.step] = self.validate()
             self.log.step(record)
             every = cfg.checkpoint.every
-            if (every and self.step % every == 0) or self.step == cfg.train.steps:
+            if cfg.checkpoint.enabled and ((every and self.step % every == 0) or self.step == cfg.train.steps):
                 self.save()
         png = self.log.plot(self.run_dir / "loss.png")
         if png is not None:

@@ -114,3 +114,28 @@ def test_default_layout_on_four_gpus(tmp_path):
     results = run_workers(_nccl_worker, 4, cfg, backend="nccl", timeout=300)
     assert all(r[0] == results[0][0] for r in results)
     assert results[0][1][30] < 0.8 * results[0][1][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_gpu_step_makes_no_host_synchronisation(tmp_path, fp8):
+    """Forward and backward of a one-GPU step (routing, expert permutation, grouped GEMMs, quantization,
+    loss) under ``set_sync_debug_mode("error")``: any operation that waits for the GPU raises."""
+    from dualflow.train.engine import LocalEngine
+
+    cfg = _cfg(tmp_path, train=dict(steps=2, global_batch=8, dtype="bfloat16", fp8=fp8))
+    trainer = Trainer(cfg, torch.device("cuda", 0))
+    engine = trainer.engine
+    assert isinstance(engine, LocalEngine)
+    x, y = trainer.loader.next()
+    x, y = x.cuda(), y.cuda()
+    engine.step(x, y)  # first call: allocator, Triton compilation and weight caches outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, count = engine.step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total).item() and count == cfg.parallel.microbatches
+    grads = [p.grad for p in trainer.params.values()]
+    assert all(g is not None for g in grads)
