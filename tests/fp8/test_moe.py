@@ -43,7 +43,8 @@ def _agree_within_fp8_rounding(a, b):
     assert (diff > 0).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("counts", [[130, 0, 300], [1, 1, 1], [0, 0, 256], [500]], ids=["ragged", "tiny", "one", "single"])
+@pytest.mark.parametrize("counts", [[130, 0, 300], [1, 1, 1], [0, 0, 256], [500]],
+                         ids=["ragged", "tiny", "one", "single"])
 @pytest.mark.parametrize("recipe", [REFERENCE, TRITON], ids=["reference", "triton"])
 def test_fp8_grouped_mlp_against_float64(counts, recipe):
     dim, hidden = 128, 128

@@ -32,7 +32,7 @@ def test_plan_places_each_expert_in_an_aligned_block():
         plan = plan_routes(idx, 5, align)
         flat = idx.flatten()
         assert plan.dest.unique().numel() == flat.numel()  # one row per pair
-        ends = [0] + plan.ends.tolist()
+        ends = [0, *plan.ends.tolist()]
         counts = torch.bincount(flat[flat >= 0], minlength=5).tolist()
         for e in range(5):
             lo, hi = ends[e], ends[e + 1]
