@@ -6,8 +6,8 @@ per projection (forward, input gradient and weight gradient alike):
 
 1. :func:`plan_routes` sorts the received (row, slot) pairs by local expert on the device, with every
    expert's block starting at a multiple of ``align`` rows (the FP8 kernels' 128-row tiles then never
-   mix two experts' tokens). The permuted buffer has a static size, ``pairs + E * (align - 1)`` rows,
-   so nothing is read back to the host; pairs routed to no local expert (-1, expert parallelism) are
+   mix two experts' tokens). The permuted buffer has a static size, ``pairs + E * (align - 1)`` rows
+   rounded up to a multiple of ``align``, so nothing is read back to the host; pairs routed to no local expert (-1, expert parallelism) are
    parked after the last expert's block, where no GEMM reads or writes.
 2. the grouped GEMMs: BF16/FP32 through ``torch._grouped_mm``; FP8 (``fp8_recipe`` set) through
    :func:`dualflow.fp8.fp8_grouped_mlp` (1x128 activations, 128x128 weights, the weight gradient
@@ -42,14 +42,17 @@ class RoutePlan:
     """Where each (row, slot) pair goes in the permuted buffer, and the experts' blocks there.
 
     ``dest [N * k]``: row of the permuted buffer for each pair (distinct for distinct pairs);
+    ``source [rows]``: the pair each permuted row holds, ``N * k`` for none (padding, parked pairs);
     ``ends [E]``: each expert's block ends (int32, cumulative, blocks start at multiples of ``align``);
-    ``valid [N * k]``: the pair has a local expert; ``rows``: the permuted buffer's static row count.
+    ``valid [N * k]``: the pair has a local expert (None: all have); ``rows``: the buffer's static size.
     """
 
     dest: torch.Tensor
+    source: torch.Tensor
     ends: torch.Tensor
     valid: torch.Tensor | None
     rows: int
+    k: int
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -78,8 +81,64 @@ def plan_routes(local_idx: torch.Tensor, n_experts: int, align: int, all_local: 
     sorted_key = key[order]
     rank_in_group = torch.arange(pairs, device=key.device) - first[sorted_key]
     dest = torch.empty_like(order).scatter_(0, order, starts[sorted_key] + rank_in_group)
-    rows = pairs + n_experts * (align - 1)
-    return RoutePlan(dest, ends.to(torch.int32), None if all_local else key < n_experts, rows)
+    # a multiple of align: the row stride of the 128x1-quantized (transposed) buffers stays 16-byte aligned
+    rows = -(-(pairs + n_experts * (align - 1)) // align) * align
+    valid = None if all_local else key < n_experts
+    held = torch.arange(pairs, device=key.device)
+    if valid is not None:  # parked pairs' rows hold nothing: no GEMM output of theirs is ever read
+        held = torch.where(valid, held, pairs)
+    source = torch.full((rows,), pairs, dtype=torch.int64, device=key.device).scatter_(0, dest, held)
+    return RoutePlan(dest, source, ends.to(torch.int32), valid, rows, local_idx.shape[1])
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+
+class _Permute(torch.autograd.Function):
+    """``x [N, D]`` -> the permuted buffer ``[rows, D]`` (zeros where no pair sits); both ways are gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        ctx.plan, ctx.n = plan, x.shape[0]
+        return _with_zero_row(x).index_select(0, torch.div(plan.source, plan.k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        plan = ctx.plan
+        per_pair = grad.index_select(0, plan.dest)
+        if plan.valid is not None:  # rows after the last block are undefined: parked pairs must not read them
+            per_pair = torch.where(plan.valid[:, None], per_pair, 0)
+        return per_pair.view(ctx.n, plan.k, grad.shape[-1]).sum(1), None
+
+
+class _Combine(torch.autograd.Function):
+    """The permuted outputs back to their (row, slot) place, weighted in FP32 and summed over the slots."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, weights: torch.Tensor, plan: RoutePlan, dtype: torch.dtype) -> torch.Tensor:
+        n, k = weights.shape
+        acc = torch.promote_types(dtype, torch.float32)
+        per_pair = out.index_select(0, plan.dest)
+        w = weights.reshape(-1, 1).to(acc)
+        if plan.valid is not None:
+            per_pair = torch.where(plan.valid[:, None], per_pair, 0)
+            w = torch.where(plan.valid[:, None], w, 0)
+        ctx.save_for_backward(per_pair, w)
+        ctx.plan, ctx.out_dtype, ctx.w_dtype = plan, out.dtype, weights.dtype
+        return (per_pair.to(acc) * w).view(n, k, out.shape[-1]).sum(1).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        per_pair, w = ctx.saved_tensors
+        plan = ctx.plan
+        n, k = grad.shape[0], plan.k
+        g = grad.to(w.dtype)
+        grad_w = (per_pair.view(n, k, g.shape[-1]).to(w.dtype) * g[:, None, :]).sum(-1).to(ctx.w_dtype)
+        # each permuted row's gradient is its pair's weight times its token's gradient (zero where no pair)
+        token = torch.div(plan.source, k, rounding_mode="floor")
+        grad_out = _with_zero_row(g).index_select(0, token) * _with_zero_row(w).index_select(0, plan.source)
+        return grad_out.to(ctx.out_dtype), grad_w, None, None
 
 
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -141,22 +200,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor,
                 all_local: bool = False) -> torch.Tensor:
         """Weighted sum over each row's local experts: ``x [N, D]``, ``local_idx``/``weights [N, k]``."""
-        n, k = local_idx.shape
         plan = plan_routes(local_idx, len(self), self.align(), all_local)
-        pairs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, -1)
-        if plan.valid is not None:  # parked pairs: no GEMM writes their rows or their gradients
-            pairs = torch.where(plan.valid[:, None], pairs, 0)
-        permuted = x.new_zeros(plan.rows, x.shape[-1]).index_copy(0, plan.dest, pairs)
+        permuted = _Permute.apply(x, plan)
         if self.fp8_recipe is not None:
             out = self._fp8(permuted, plan)
         else:
             out = grouped_swiglu(permuted, self.w13, self.w2, plan.ends)
-        y = out.index_select(0, plan.dest)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        weighted = y.to(acc) * weights.reshape(-1, 1).to(acc)
-        if plan.valid is not None:
-            weighted = torch.where(plan.valid[:, None], weighted, 0)
-        return weighted.view(n, k, -1).sum(1).to(x.dtype)
+        return _Combine.apply(out, weights, plan, x.dtype)
 
     def _fp8(self, permuted: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         from dualflow.fp8 import Fp8WeightCache, fp8_grouped_mlp

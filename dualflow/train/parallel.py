@@ -139,18 +139,15 @@ def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], topo
     copy of a DualPipe stage nowhere).
     """
     counted = set(counted)
-    sq = torch.zeros((), dtype=torch.float64, device=topo.device)
-    for name, p in sorted(params.items()):
-        if p.grad is None or name not in counted:
-            continue
-        if is_expert(name) or topo.dp_rank == 0:
-            sq += p.grad.detach().double().pow(2).sum()
+    mine = [p.grad.detach() for name, p in sorted(params.items())
+            if p.grad is not None and name in counted and (is_expert(name) or topo.dp_rank == 0)]
+    # one multi-tensor norm kernel (FP32 per tensor, squares summed in FP64), one read of the host value
+    sq = torch.stack(torch._foreach_norm(mine)).double().pow(2).sum() if mine else torch.zeros((), dtype=torch.float64)
     norm = topo.all_reduce([float(sq)])[0] ** 0.5
     if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for p in params.values():
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
 
 
