@@ -7,8 +7,9 @@ per projection (forward, input gradient and weight gradient alike):
 1. :func:`plan_routes` sorts the received (row, slot) pairs by local expert on the device, with every
    expert's block starting at a multiple of ``align`` rows (the FP8 kernels' 128-row tiles then never
    mix two experts' tokens). The permuted buffer has a static size, ``pairs + E * (align - 1)`` rows
-   rounded up to a multiple of ``align``, so nothing is read back to the host; pairs routed to no local expert (-1, expert parallelism) are
-   parked after the last expert's block, where no GEMM reads or writes.
+   rounded up to a multiple of ``align``, so nothing is read back to the host; pairs routed to no
+   local expert (-1, expert parallelism) are parked after the last expert's block, where no GEMM reads
+   or writes. Moving rows in and out of that buffer is a gather both ways (forward and backward).
 2. the grouped GEMMs: BF16/FP32 through ``torch._grouped_mm``; FP8 (``fp8_recipe`` set) through
    :func:`dualflow.fp8.fp8_grouped_mlp` (1x128 activations, 128x128 weights, the weight gradient
    grouped along the tokens, SwiGLU fused with the quantization of its output).
