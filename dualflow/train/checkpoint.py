@@ -203,10 +203,11 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             code, what = _describe_failure(exc)
-            free = f"{max(_disk_free(self.root), 0):,} bytes free there now"
-            hint = f"The filesystem is full ({free}). " if code == errno.ENOSPC else \
-                f"torch.save reports a failed write this way, most often a full filesystem ({free}). " \
-                if "unexpected pos" in what else ""  # it drops the OS error it met
+            free, hint = f"{max(_disk_free(self.root), 0):,} bytes free there now", ""
+            if code == errno.ENOSPC:
+                hint = f"The filesystem is full ({free}). "
+            elif "unexpected pos" in what:  # torch.save's report of a failed write; it drops the OS error
+                hint = f"torch.save reports a failed write this way, most often a full filesystem ({free}). "
             err = CheckpointSaveError(
                 f"checkpoint step {step} could not be written to {tmp}: {what}. {hint}The partial directory was "
                 f"removed; the earlier checkpoints are intact (latest: {self._latest_name()})")
