@@ -32,6 +32,7 @@ BACKENDS = ("auto", "torch", "kernels")
 # How dispatch/combine check their arguments across ranks (Buffer's ``checks``).
 CHECKS = ("collective", "first", "local")
 _log = get_logger("dualflow.comm")
+_HOST_BYTES = 256  # a host name is at most 253 bytes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -479,8 +480,12 @@ class Buffer:
 
     def _detect_ranks_per_node(self) -> int:
         """Ranks per node from host names; the group's ranks must be numbered node by node."""
-        hosts: list[str] = [""] * self.num_ranks
-        dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
+        # host names as fixed-size byte tensors, not pickled objects (docs/launcher.md, Trust)
+        name = socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0")
+        mine = torch.tensor(list(name), dtype=torch.uint8, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        dist.all_gather(gathered, mine, group=self.group)
+        hosts = [bytes(t.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in gathered]
         sizes = [len(list(g)) for _, g in itertools.groupby(hosts)]
         if len(sizes) == len(set(hosts)) and len(set(sizes)) == 1:
             return sizes[0]

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dualflow.utils.files import atomic_write_text
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -388,11 +390,8 @@ def to_toml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write :func:`to_toml` to ``path`` (folders created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(cfg))
-    return path
+    """Write :func:`to_toml` to ``path`` (folders created; replaced atomically: never half a file); returns it."""
+    return atomic_write_text(path, to_toml(cfg))
 
 
 def log_config(cfg: Any, log_dir: str | os.PathLike | None = None, name: str = "config.toml") -> Path | None:

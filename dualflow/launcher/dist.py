@@ -15,6 +15,7 @@ from dualflow.launcher.env import LauncherError, MpiWorld, Placement, detect_pro
 from dualflow.utils.logging import get_logger
 
 _MPI_SOURCES = {"openmpi", "mpich", "mvapich", "pmix"}
+_ADDRESS_BYTES = 512  # rank 0's "HOST PORT", broadcast over MPI
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,18 @@ def _rendezvous_address(p: Placement) -> tuple[str, int]:
             f"MASTER_ADDR/MASTER_PORT are not set for a {p.world_size}-process job started by {p.source}; "
             "export both (the first node's address and a free port) before starting the processes")
     world = _mpi_comm().COMM_WORLD
-    mine = None
+    # A fixed-size byte buffer, not a pickled object: the address is all that is exchanged, and the other
+    # ranks then only parse text (docs/launcher.md, Trust).
+    buf = bytearray(_ADDRESS_BYTES)
     if world.Get_rank() == 0:
-        mine = (p.master_addr or ("127.0.0.1" if p.num_nodes == 1 else _routable_address()),
-                p.master_port or _free_port())
-    addr, port = world.bcast(mine, root=0)
+        addr = p.master_addr or ("127.0.0.1" if p.num_nodes == 1 else _routable_address())
+        text = f"{addr} {p.master_port or _free_port()}".encode()[:_ADDRESS_BYTES]  # a host name: <= 253 bytes
+        buf[: len(text)] = text
+    world.Bcast(buf, root=0)
+    addr, _, port = bytes(buf).rstrip(b"\0").decode("utf-8", "replace").rpartition(" ")
+    if not addr or not port.isdigit():
+        raise LauncherError(f"the rendezvous address broadcast by MPI rank 0 is malformed: {bytes(buf)[:64]!r}; "
+                            "export MASTER_ADDR and MASTER_PORT instead")
     return addr, int(port)
 
 

@@ -5,7 +5,7 @@ bring in the other subpackages load them when used: ``dualflow.train.ep`` (``dua
 ``dualflow.train.pipeline`` (``dualflow.dualpipe``), FP8 conversion (``dualflow.fp8``).
 """
 
-from dualflow.train.checkpoint import CheckpointManager, UnsafeCheckpointError
+from dualflow.train.checkpoint import CheckpointManager, CheckpointSaveError, UnsafeCheckpointError
 from dualflow.train.config import CheckpointConfig, RunConfig, TrainConfig
 from dualflow.train.data import BatchLoader, DataConfig, load_streams, validation_batches
 from dualflow.train.exchange import Exchange, LocalExchange, Received
@@ -21,6 +21,7 @@ __all__ = [
     "BatchLoader",
     "CheckpointConfig",
     "CheckpointManager",
+    "CheckpointSaveError",
     "DataConfig",
     "Exchange",
     "LocalExchange",

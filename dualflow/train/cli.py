@@ -41,6 +41,7 @@ def _launched() -> bool:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dualflow.train.checkpoint import CheckpointSaveError, UnsafeCheckpointError
     from dualflow.train.config import TrainConfig
     from dualflow.train.trainer import Trainer, TrainingDiverged
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     try:
         summary = Trainer(cfg, device).train(resume=resume, fresh=args.fresh and not resume)
-    except FileExistsError as exc:
+    except (FileExistsError, UnsafeCheckpointError, CheckpointSaveError) as exc:
         print(f"dualflow train: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

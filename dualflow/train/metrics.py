@@ -6,10 +6,13 @@ import json
 import math
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from dualflow.utils.files import atomic_write_text
 
 # Dense BF16 tensor-core peaks (FLOP/s) of GPUs whose figure is published; MFU is reported only for these.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
@@ -36,6 +39,29 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a torn last line is dropped with a warning (see MetricsLog)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == last:
+            warnings.warn(f"{path}: line {i + 1} is cut short (a run killed while writing it?); dropping it: "
+                          f"{line[:80]!r}", RuntimeWarning, stacklevel=3)
+        else:
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object: {line[:80]!r}; repair or delete that "
+                             "line (or start over with --fresh)")
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per record to ``run_dir/metrics.jsonl`` and prints a line per ``log_every``."""
 
@@ -49,12 +75,16 @@ class MetricsLog:
             run_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, step: int) -> None:
-        """Begin at ``step``: keep the records of an earlier run up to it (a resume), drop the rest."""
+        """Begin at ``step``: keep the records of an earlier run up to it (a resume), drop the rest.
+
+        The file is replaced atomically. A last line cut short (a kill during an append) is dropped with a
+        warning; an unreadable line anywhere else is an error naming it.
+        """
         if not self.enabled:
             return
-        old = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
-        self.records = [r for r in old if r.get("step", 0) <= step] if step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        old = read_records(self.path) if step and self.path.exists() else []
+        self.records = [r for r in old if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

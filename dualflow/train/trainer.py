@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -197,7 +196,7 @@ class Trainer:
         self.topo.all_reduce([0.0])  # every rank has looked before rank 0 deletes anything
         if found and self.topo.rank == 0:
             for path in found:
-                shutil.rmtree(path, ignore_errors=True)
+                self.checkpoints.delete(path)
             self.log.info(f"starting over: deleted {len(found)} checkpoint(s) of an earlier run in "
                           f"{self.checkpoints.root}")
 
