@@ -196,30 +196,42 @@ class _Fp8GroupedFn(torch.autograd.Function):
     def forward(ctx, x, weight, sizes: list[int], offsets: torch.Tensor, cache: Fp8WeightCache, recipe: Fp8Recipe,
                 wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
-        xq, xs = quantize_1x128(x, **kw)
+        aligned = all(n % BLOCK == 0 for n in sizes)
+        if wgrad and aligned:  # one pass gives both layouts; 128x1 tiles cannot mix experts' tokens
+            (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x, **kw)
+            ctx.save_for_backward(xtq, xts)
+        else:
+            xq, xs = quantize_1x128(x, **kw)
+            if wgrad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
+                bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
+                ctx.save_for_backward(*[t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)])
         w8 = cache.get(weight, recipe)
         out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
                                backend=recipe.backend)
-        if wgrad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
-            bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
-            saved = [t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)]
-            ctx.save_for_backward(*saved)
-        ctx.w8, ctx.recipe, ctx.sizes, ctx.offsets = w8, recipe, sizes, offsets
+        ctx.w8, ctx.recipe, ctx.sizes, ctx.offsets, ctx.aligned = w8, recipe, sizes, offsets, aligned
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
+        from dualflow.fp8.moe import grouped_wgrad
+
         recipe = ctx.recipe
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dx = dw = None
-        if need_dx:
+        dy = dy.contiguous()
+        if need_dw and ctx.aligned:
+            (gq, gs), gt = quantize_1x128_and_128x1(dy, **kw)
+        else:
             gq, gs = quantize_1x128(dy, **kw)
+        if need_dx:
             wtq, wts = ctx.w8.transposed()
             dx = fp8_grouped_gemm(gq, gs, wtq, wts, group_offsets=ctx.offsets, out_dtype=_grad_dtype_of(ctx.x_dtype),
                                   backend=recipe.backend)
-        if need_dw:
+        if need_dw and ctx.aligned:  # one GEMM for all experts, grouped along the tokens
+            dw = grouped_wgrad(gt, tuple(ctx.saved_tensors), ctx.offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
+        elif need_dw:
             groups, n_out = ctx.w8.q.shape[:2]
             dw = torch.zeros(groups, n_out, ctx.w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
             saved = ctx.saved_tensors
@@ -238,8 +250,10 @@ class Fp8GroupedLinear(nn.Module):
 
     ``x`` holds the tokens of all experts back to back (the contiguous layout of
     :func:`dualflow.fp8.fp8_grouped_gemm`); ``tokens_per_expert`` says how many rows each expert owns and
-    must sum to ``x.shape[0]``. A tensor is read back to the host (one synchronization) because the
-    weight gradient is computed per expert. ``weight`` is ``[num_experts, out_features, in_features]``.
+    must sum to ``x.shape[0]`` (a tensor is read back to the host: one synchronization). When every count
+    is a multiple of 128 the weight gradient is one GEMM grouped along the tokens, otherwise one per
+    expert. ``weight`` is ``[num_experts, out_features, in_features]``; for the fused SwiGLU expert block
+    without any host synchronisation see :func:`dualflow.fp8.fp8_grouped_mlp`.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, device=None, dtype=None,

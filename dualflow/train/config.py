@@ -29,8 +29,13 @@ class RunConfig:
     # profile_step: profile this step (1-based; 0 = off) into RUN_DIR/profile-rank{R}.txt (train/profile.py)
     profile_step: int = 0
     profile_trace: bool = False
+    # cuda_graph: replay the step as a CUDA graph (train/graphs.py): "auto" = where it can run (one GPU, one
+    # process), "on" = required (an error where it cannot), "off"
+    cuda_graph: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"train.cuda_graph={self.cuda_graph!r}: expected 'auto', 'on' or 'off'")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype={self.dtype!r}: expected one of {DTYPES} (FP8 is train.fp8 = true)")
         for name in ("steps", "global_batch", "log_every", "val_every", "val_batches"):

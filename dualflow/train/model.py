@@ -415,8 +415,10 @@ class Stage(nn.Module):
         return out
 
     def autocast(self, device: torch.device) -> Any:
+        # no weight-cast cache: each weight is cast once per forward anyway, and a CUDA-graph capture of the
+        # step must not keep casts made during the capture (train/graphs.py)
         return torch.autocast(device.type, dtype=self.compute_dtype,
-                              enabled=self.compute_dtype in (torch.bfloat16, torch.float16))
+                              enabled=self.compute_dtype in (torch.bfloat16, torch.float16), cache_enabled=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = {"x": x}

@@ -142,10 +142,29 @@ class Trainer:
         par = self.cfg.parallel
         scale = 1.0 / (par.microbatches * par.dp)
         if par.pp == 1:
-            return LocalEngine(self.stages[0], par.microbatches, scale)
+            local = LocalEngine(self.stages[0], par.microbatches, scale)
+            why_not = self._why_no_graph()
+            if why_not is None:
+                from dualflow.train.graphs import GraphedEngine
+
+                return GraphedEngine(local, on_fallback=self.log.info)
+            if self.cfg.train.cuda_graph == "on":
+                raise ValueError(f"train.cuda_graph = 'on', but the step cannot be a CUDA graph: {why_not}")
+            return local
         from dualflow.train.pipeline import PipelineEngine
 
         return PipelineEngine(self.stages, self.topo, par, scale)
+
+    def _why_no_graph(self) -> str | None:
+        par = self.cfg.parallel
+        if self.cfg.train.cuda_graph == "off":
+            return "train.cuda_graph = 'off'"
+        if self.device.type != "cuda":
+            return f"the device is {self.device.type}, not a CUDA GPU"
+        if par.pp > 1 or par.dp > 1:
+            return (f"parallel.pp={par.pp}, parallel.dp={par.dp}: pipeline and expert-parallel exchanges wait on "
+                    "the host; graphs need one process holding the whole model")
+        return None
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -264,8 +283,9 @@ class Trainer:
         self.optimizer.step(lr)
         broadcast_owned(self.params, self.owners, topo)
         self._weights_changed()
-        for p in self.params.values():
-            p.grad = None
+        if not getattr(self.engine, "keeps_grads", False):  # a graphed step owns (and rewrites) the gradients
+            for p in self.params.values():
+                p.grad = None
         balance = self._update_balance()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,0 +1,116 @@
+"""FP8 layers against their BF16 peers, forward + backward, eager: step time and host time per step.
+
+    python benchmarks/fp8_layers.py [--repeat 30] [--json PATH] [--smoke]
+
+- ``Fp8Linear`` vs ``nn.Linear`` (BF16 weights) at tokens x out x in = 4096x7168x7168, 8192x4096x4096,
+  16384x2048x2048;
+- the grouped expert layer ``Fp8GroupedLinear`` vs BF16 ``torch._grouped_mm`` over 4 experts x 8192 rows
+  at N x K = 4096x7168 and 7168x2048.
+
+Step time: median of CUDA-event timings of plain calls, the two implementations interleaved (the GPU
+waits for the host where the host is slower, so this is what a training loop sees). Host time: the
+wall time of issuing one step on an idle GPU (synchronised before), median of the same number of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dualflow.fp8 import Fp8GroupedLinear, Fp8Linear  # noqa: E402
+from dualflow.utils.timing import Table, time_fns, write_record  # noqa: E402
+
+LINEAR = [(4096, 7168, 7168), (8192, 4096, 4096), (16384, 2048, 2048)]
+GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048)]
+
+
+def _host_ms(fn, repeat: int, device: torch.device) -> float:
+    samples = []
+    for _ in range(repeat):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    torch.cuda.synchronize(device)
+    return 1e3 * statistics.median(samples)
+
+
+def _step(module_call, x: torch.Tensor, dy: torch.Tensor):
+    def fn():
+        xx = x.detach().requires_grad_(True)
+        module_call(xx).backward(dy)
+    return fn
+
+
+class _Bf16Grouped(nn.Module):
+    def __init__(self, weight: torch.Tensor, ends: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.ends = nn.Parameter(weight), ends
+
+    def forward(self, x):
+        return torch._grouped_mm(x, self.weight.transpose(-2, -1), offs=self.ends)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="small shapes, few runs")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_layers: needs a CUDA GPU (the FP8 GEMMs are Hopper kernels)")
+    dev = torch.device("cuda")
+    repeat = 3 if args.smoke else args.repeat
+    linear = [(512, 256, 256)] if args.smoke else LINEAR
+    grouped = [(2, 256, 256, 256)] if args.smoke else GROUPED
+    table = Table(["layer", "shape", "BF16 ms", "FP8 ms", "speed-up", "BF16 host ms", "FP8 host ms"],
+                  title="FP8 layers vs BF16, forward + backward, eager")
+    rows = []
+    for tokens, n, k in linear:
+        torch.manual_seed(0)
+        bf16 = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        fp8 = Fp8Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        fp8.load_state_dict(bf16.state_dict())
+        x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+        fns = {"bf16": _step(bf16, x, dy), "fp8": _step(fp8, x, dy)}
+        rows.append(_row(table, "Linear", f"{tokens}x{n}x{k}", fns, repeat, dev))
+    for groups, per, n, k in grouped:
+        torch.manual_seed(0)
+        w = torch.randn(groups, n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5
+        ends = torch.arange(1, groups + 1, device=dev, dtype=torch.int32) * per
+        bf16 = _Bf16Grouped(w.clone(), ends)
+        fp8 = Fp8GroupedLinear(groups, k, n, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fp8.weight.copy_(w)
+        sizes = [per] * groups
+        x = torch.randn(groups * per, k, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(groups * per, n, device=dev, dtype=torch.bfloat16)
+        fns = {"bf16": _step(bf16, x, dy), "fp8": _step(lambda t, m=fp8, s=sizes: m(t, s), x, dy)}
+        rows.append(_row(table, "grouped", f"{groups}x{per} rows, {n}x{k}", fns, repeat, dev))
+    table.print()
+    if args.json:
+        write_record(args.json, "fp8_layers", rows, repeat=repeat)
+    return 0
+
+
+def _row(table: Table, layer: str, shape: str, fns: dict, repeat: int, dev: torch.device) -> dict:
+    t = time_fns(fns, warmup=3, repeat=repeat, device=dev, flush_l2=False)
+    host = {name: _host_ms(fn, repeat, dev) for name, fn in fns.items()}
+    row = {"layer": layer, "shape": shape, "BF16 ms": 1e3 * t["bf16"].median, "FP8 ms": 1e3 * t["fp8"].median,
+           "speed-up": t["bf16"].median / t["fp8"].median, "BF16 host ms": host["bf16"], "FP8 host ms": host["fp8"]}
+    table.add(**row)
+    return row
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
