@@ -11,7 +11,8 @@ The ratio column divides each variant's tokens/s by the first variant's, measure
 invocation. Variants run one after the other: on a GPU compare them within one invocation only.
 
 - ``base``: the config as it is, FP8 off, overlap on;  ``fp8``: FP8 linears (and FP8 dispatch as the
-  config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``.
+  config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``;  ``*-eager``: the
+  same without the CUDA-graph replay of a one-GPU step (``train.cuda_graph = off``).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -45,6 +46,8 @@ VARIANTS = {
     "fp8": ["--train.fp8=true", "--parallel.overlap=true"],
     "base-serial": ["--train.fp8=false", "--parallel.overlap=false"],
     "fp8-serial": ["--train.fp8=true", "--parallel.overlap=false"],
+    "base-eager": ["--train.fp8=false", "--train.cuda_graph=off"],
+    "fp8-eager": ["--train.fp8=true", "--train.cuda_graph=off"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: the config's world size)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40, smoke 4)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 10, smoke 1)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="base,fp8,base-serial,fp8-serial",
+                        help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--keep", type=Path, help="keep each run's directory under this path")
     parser.add_argument("--json", type=Path, help="append the table as a JSON record to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny_moe on 2 CPU processes, a few steps")
