@@ -259,9 +259,14 @@ class _PeerBuffers:
         _call("dualflow_fill_u32", self._owned, nbytes // 4, 0, torch.cuda.current_stream(self.device).cuda_stream)
         return ptrs
 
-    def release(self) -> None:
-        """Unmap the peers' buffers and free this rank's; only once no rank's kernel uses them any more."""
-        self._finalizer()
+    def close(self) -> None:
+        """Unmap the peers' buffers, wait until every rank has, free this rank's (collective; call it only
+        once no rank's kernel uses the buffers). Exported memory freed while another process still maps
+        it is undefined behaviour in CUDA, hence the barrier between the two steps."""
+        self._finalizer.detach()
+        _PeerBuffers._release(self.device, self._opened, None)
+        dist.barrier(group=self.group)
+        _PeerBuffers._release(self.device, [], self._owned)
 
     @staticmethod
     def _release(device: torch.device, opened: list[int], owned: int | None) -> None:
@@ -432,15 +437,16 @@ class KernelBackend:
 
         A rank's kernel ends once it has what it waits for, while its peers may still be publishing how much
         of its rows they consumed into its buffer: freeing a buffer is safe only after every rank's kernels
-        are done, hence the barrier. Without ``close`` the memory is released when the backend is garbage
-        collected, which is safe only after such a barrier too.
+        are done, hence the barrier (and a second one inside, between unmapping the peers' buffers and
+        freeing this one). Without ``close`` the memory is released when the backend is garbage collected,
+        which is safe only after such barriers too.
         """
         if self._closed:
             return
         if self._last is not None:
             self._last.synchronize()
         dist.barrier(group=self.group)
-        self.buffers.release()
+        self.buffers.close()
         self._closed = True
 
     # -- errors -------------------------------------------------------------------------------------
