@@ -47,10 +47,11 @@ comm_shared() {
   fi
   if nvidia-cuda-mps-control -d; then
     trap 'echo quit | nvidia-cuda-mps-control' EXIT  # stopped however this script ends
+    trap 'exit 130' INT TERM
     step comm_shared_mps env DUALFLOW_TEST_REPORT="$report" DUALFLOW_TEST_EXPECT_MPS=1 \
       $PY -m pytest $tests -m gpu -v -rs --timeout 900 -p no:cacheprovider
     echo quit | nvidia-cuda-mps-control
-    trap - EXIT
+    trap - EXIT INT TERM
     cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUTDIR/mps_log" 2>/dev/null
   else
     echo "comm_shared: nvidia-cuda-mps-control -d failed, no MPS run" | tee -a "$OUTDIR/summary.txt"
