@@ -8,6 +8,7 @@ raise the same error together.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ def map_handles(handles: list[bytes], rank: int, own_ptr: int, own_handle: bytes
             ptrs.append(ptr)
     except BaseException:
         for ptr in opened:
-            close(ptr)
+            with contextlib.suppress(Exception):  # the open's error is the one to report
+                close(ptr)
         raise
     return ptrs, opened
