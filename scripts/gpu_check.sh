@@ -23,6 +23,63 @@ step() {  # step NAME CMD...: run, log to OUTDIR/NAME.log, record the status
   printf '%-14s rc=%d  %4ds\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" | tee -a "$OUTDIR/summary.txt"
   [ $rc -eq 0 ] || status=1
 }
+# The comm kernels with 2, 4 and 8 ranks as processes sharing GPU 0: time-sliced, then under an MPS daemon
+# started (and always stopped) here with its own pipe and log directories, so no other daemon is touched
+# and the first run, with no daemon listening there, is time-sliced for certain; compute-sanitizer over
+# one 2-rank pair; a table of cases run and passed per mode at the end.
+comm_shared() {
+  local report="$OUTDIR/comm_shared.jsonl" mps tool
+  local tests="tests/comm/test_kernels_shared_gpu.py tests/comm/test_kernels_shared_training.py"
+  rm -f "$report"
+  mps=$(mktemp -d /tmp/dualflow-mps.XXXXXX)  # a short path: the pipes are Unix sockets
+  export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  step comm_shared_timeslice env DUALFLOW_TEST_REPORT="$report" DUALFLOW_TEST_EXPECT_MPS=0 \
+    $PY -m pytest $tests -m gpu -v -rs --timeout 900 -p no:cacheprovider
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+      step "comm_shared_$tool" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
+        $PY -m pytest tests/comm/test_kernels_shared_gpu.py -m gpu -k sanitizers -q --timeout 1200 -p no:cacheprovider
+    done
+  else
+    echo "comm_shared: compute-sanitizer is not on PATH (it comes with the CUDA toolkit)" | tee -a "$OUTDIR/summary.txt"
+    status=1
+  fi
+  if nvidia-cuda-mps-control -d; then
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT  # stopped however this script ends
+    trap 'exit 130' INT TERM
+    step comm_shared_mps env DUALFLOW_TEST_REPORT="$report" DUALFLOW_TEST_EXPECT_MPS=1 \
+      $PY -m pytest $tests -m gpu -v -rs --timeout 900 -p no:cacheprovider
+    echo quit | nvidia-cuda-mps-control
+    trap - EXIT INT TERM
+    cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUTDIR/mps_log" 2>/dev/null
+  else
+    echo "comm_shared: nvidia-cuda-mps-control -d failed, no MPS run" | tee -a "$OUTDIR/summary.txt"
+    status=1
+  fi
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  $PY - "$report" "$OUTDIR" <<'PY' | tee -a "$OUTDIR/summary.txt"
+import json, pathlib, re, sys
+report, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+rows = {}
+for line in report.read_text().splitlines() if report.exists() else []:
+    r = json.loads(line)
+    row = rows.setdefault((r["mode"], r["test"], r["ranks"]), [0, 0, []])
+    row[0] += 1
+    row[1] += r["passed"]
+    row[2] += [] if r["passed"] else [r["case"]]
+print(f"{'mode':<13} {'test':<10} {'ranks':>5} {'cases':>5} {'passed':>6}  failed")
+for (mode, test, ranks), (n, ok, bad) in sorted(rows.items()):
+    print(f"{mode:<13} {test:<10} {ranks:>5} {n:>5} {ok:>6}  {'; '.join(bad)}")
+for tool in ("memcheck", "racecheck"):
+    log = out / f"comm_shared_{tool}.log"
+    if log.exists():
+        errors = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log.read_text())]
+        clean = sum(e == 0 for e in errors)
+        print(f"{'sanitizer':<13} {tool:<10} {2:>5} {len(errors):>5} {clean:>6}  (processes checked / clean)")
+PY
+}
+
 for stage in $STAGES; do
   case $stage in
     env)
@@ -41,6 +98,8 @@ for stage in $STAGES; do
       step fp8_quant $PY benchmarks/fp8_quant.py --json "$OUTDIR/bench.jsonl" ;;
     comm)
       step moe_a2a torchrun --standalone --nproc-per-node "$NGPU" benchmarks/moe_a2a.py --json "$OUTDIR/bench.jsonl" ;;
+    comm_shared)
+      comm_shared ;;
     pipeline)
       step pipeline torchrun --standalone --nproc-per-node "$NGPU" benchmarks/pipeline.py --json "$OUTDIR/bench.jsonl" ;;
     train)

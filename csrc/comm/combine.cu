@@ -109,7 +109,11 @@ __device__ void receive_channel(const CombineParams& p, int channel) {
           ok = wait_at_least(tail_ptr(me, p.s, lane, channel), need, p.err, channel, kPhaseCombineRecv, lane,
                              &tail_seen);
       }
-      if (__all_sync(0xffffffffu, ok)) {  // the lanes' acquires plus this warp barrier: rows visible to all lanes
+      const bool all_ok = __all_sync(0xffffffffu, ok);
+      // Lane d acquired ring d's tail; every lane reads every ring's row below. A vote orders no memory, a
+      // warp barrier does: after it the rows published with each lane's acquired tail are visible to all.
+      __syncwarp();
+      if (all_ok) {
         const uint8_t* slots[kMaxRanks];
         for (int d = 0; d < R; ++d) {
           const int pd = __shfl_sync(0xffffffffu, pos, d);

@@ -80,6 +80,12 @@ DUALFLOW_API int dualflow_comm_ipc_open(const uint8_t* handle, uintptr_t* ptr);
 DUALFLOW_API int dualflow_comm_ipc_close(uintptr_t ptr);
 DUALFLOW_API int dualflow_comm_free(uintptr_t ptr);
 
+// How this process shares CUDA device `device` with others: out[0] its SM count, out[1] 1 when this
+// process is an MPS client (kernels of several processes run at once) and 0 when contexts are time-sliced,
+// out[2] the SMs this process's context may use (its MPS limit; out[0] without MPS). Makes the device
+// current on the calling thread.
+DUALFLOW_API int dualflow_comm_device_sharing(int device, int32_t* out);
+
 // ---- kernels (stream-ordered; `error` is mapped host memory of 8 int32: code, rank, channel, phase,
 // peer, expected, seen, 0; a wait longer than timeout_ns fills it and ends the kernel) -------------------
 

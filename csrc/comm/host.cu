@@ -1,5 +1,7 @@
 // Host entry points of the comm kernels: buffer sizing, the routing arithmetic on host arrays (the same
 // functions the kernels call), and the memory the kernels need (mapped host memory, CUDA IPC).
+#include <cudaTypedefs.h>  // driver API function types only: the driver is reached through cudart
+
 #include <cstring>
 
 #include "common.cuh"
@@ -215,6 +217,44 @@ int dualflow_comm_ipc_close(uintptr_t ptr) {
 
 int dualflow_comm_free(uintptr_t ptr) {
   if (ptr != 0) DF_CUDA(cudaFree(reinterpret_cast<void*>(ptr)));
+  return DUALFLOW_OK;
+}
+
+int dualflow_comm_device_sharing(int device, int32_t* out) {
+  DF_REQUIRE(out != nullptr, "dualflow_comm_device_sharing: out is NULL");
+  DF_CUDA(cudaSetDevice(device));
+  DF_CUDA(cudaFree(nullptr));  // the primary context exists and is current: the affinity query needs one
+  int sms = 0;
+  DF_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // Execution affinity (an SM limit per context) exists only for MPS clients (Volta+ MPS), so its
+  // support tells whether this process is one; the library does not link libcuda, hence entry points.
+  PFN_cuDeviceGet_v2000 device_get = nullptr;
+  PFN_cuDeviceGetExecAffinitySupport_v11040 support = nullptr;
+  PFN_cuCtxGetExecAffinity_v11040 affinity = nullptr;
+  cudaDriverEntryPointQueryResult found[3];
+  DF_CUDA(cudaGetDriverEntryPointByVersion("cuDeviceGet", reinterpret_cast<void**>(&device_get), 2000,
+                                           cudaEnableDefault, &found[0]));
+  DF_CUDA(cudaGetDriverEntryPointByVersion("cuDeviceGetExecAffinitySupport", reinterpret_cast<void**>(&support),
+                                           11040, cudaEnableDefault, &found[1]));
+  DF_CUDA(cudaGetDriverEntryPointByVersion("cuCtxGetExecAffinity", reinterpret_cast<void**>(&affinity), 11040,
+                                           cudaEnableDefault, &found[2]));
+  DF_REQUIRE(found[0] == cudaDriverEntryPointSuccess && found[1] == cudaDriverEntryPointSuccess &&
+                 found[2] == cudaDriverEntryPointSuccess,
+             "dualflow_comm_device_sharing: the driver lacks cuDeviceGetExecAffinitySupport/cuCtxGetExecAffinity "
+             "(CUDA 11.4+ drivers have them); update the driver");
+  CUdevice dev = 0;
+  int supported = 0;
+  DF_REQUIRE(device_get(&dev, device) == CUDA_SUCCESS &&
+                 support(&supported, CU_EXEC_AFFINITY_TYPE_SM_COUNT, dev) == CUDA_SUCCESS,
+             "dualflow_comm_device_sharing: the driver could not say whether device %d runs MPS clients", device);
+  // A context outside MPS has no affinity to report (CUDA_ERROR_UNSUPPORTED_EXEC_AFFINITY): both answers
+  // must agree before the process counts as an MPS client.
+  CUexecAffinityParam param{};
+  const bool mps = supported && affinity(&param, CU_EXEC_AFFINITY_TYPE_SM_COUNT) == CUDA_SUCCESS;
+  const int client_sms = mps ? static_cast<int>(param.param.smCount.val) : sms;
+  out[0] = sms;
+  out[1] = mps ? 1 : 0;
+  out[2] = client_sms;
   return DUALFLOW_OK;
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dualflow.comm import autograd, kernels
+from dualflow.comm import autograd, kernels, shared_gpu
 from dualflow.comm.layout import DispatchLayout, ExpertMajorLayout, align_up, expert_major_layout, get_dispatch_layout
 from dualflow.comm.payload import KIND_CODES, Payload, as_byte_rows, check_payload, from_byte_rows
 from dualflow.comm.torch_a2a import TorchBackend
@@ -102,8 +102,12 @@ class Buffer:
       - ``"local"``: no exchange at all; local checks only, with the same consequence.
 
       Every rank must pass the same value (checked when the buffer is made).
+    - ``shared_gpu``: the ranks of ``group`` (gloo) are processes sharing this process's current CUDA
+      device, where NCCL cannot run: tensors live on that device, host exchanges go over gloo, ``auto``
+      picks the kernels (CUDA IPC between the processes) and ``torch`` moves rows through gloo. None
+      reads ``$DUALFLOW_COMM_SHARED_GPU`` (unset: off). See docs/comm_kernels.md, "Ranks sharing one GPU".
 
-    Constructing a buffer is collective over ``group``; so are ``dispatch`` and ``combine``.
+    Constructing a buffer is collective over ``group``; so are ``dispatch``, ``combine`` and ``close``.
     """
 
     def __init__(
@@ -116,13 +120,15 @@ class Buffer:
         ranks_per_node: int | None = None,
         kernel_config: kernels.KernelConfig | None = None,
         checks: str = "collective",
+        shared_gpu: bool | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Buffer needs torch.distributed to be initialised (dist.init_process_group)")
         self.group = group
         self.num_ranks = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.device = _group_device(group)
+        self.device = self._exchange_device = _group_device(group)  # host exchanges: where the group runs
+        self.shared_gpu = False
         self.hidden = hidden
         self.max_tokens_per_rank = max_tokens_per_rank
         self.num_sms = num_sms
@@ -145,16 +151,35 @@ class Buffer:
             require(ranks_per_node is None or (isinstance(ranks_per_node, int) and ranks_per_node > 0
                                                and self.num_ranks % ranks_per_node == 0), Problem.ARGUMENT,
                     f"ranks_per_node must divide the group size {self.num_ranks}, got {ranks_per_node!r}")
+            self._share_gpu(shared_gpu)
         except CheckFailed as exc:
             failure = exc
-        agree(group, self.device, "Buffer()", {
+        agree(group, self._exchange_device, "Buffer()", {
             "hidden": hidden if failure is None else -1, "num_sms": num_sms if failure is None else -1,
             "backend": BACKENDS.index(backend) if backend in BACKENDS else -1,
-            "ranks_per_node": ranks_per_node or -1, "device": 1 if self.device.type == "cuda" else 0,
+            "ranks_per_node": ranks_per_node or -1,
+            "device": 2 if self.shared_gpu else 1 if self.device.type == "cuda" else 0,
             "checks": CHECKS.index(checks) if checks in CHECKS else -1,
         }, failure)
         self.ranks_per_node = ranks_per_node or self._detect_ranks_per_node()
         self._backend = self._make_backend(backend, kernel_config or kernels.KernelConfig())
+
+    def _share_gpu(self, flag: bool | None) -> None:
+        """Shared-GPU mode: tensors on the current CUDA device, host exchanges on the (gloo) group's CPU."""
+        try:
+            wanted = shared_gpu.requested(flag)
+        except ValueError as exc:
+            raise CheckFailed(Problem.ARGUMENT, str(exc)) from None
+        if not wanted:
+            return
+        group_backend = str(dist.get_backend(self.group)).lower()
+        require(group_backend == "gloo", Problem.ARGUMENT,
+                f"shared_gpu needs a gloo process group (ranks sharing one GPU cannot use NCCL), this group's "
+                f"backend is {group_backend!r}")
+        require(torch.cuda.is_available(), Problem.ARGUMENT,
+                "shared_gpu: this process sees no CUDA device; make the GPU visible to every rank, or unset "
+                f"{shared_gpu.ENV}")
+        self.device, self.shared_gpu = torch.device("cuda", torch.cuda.current_device()), True
 
     @property
     def backend(self) -> str:
@@ -168,10 +193,17 @@ class Buffer:
         """Wait for this buffer's communication; raise if a kernel reported a timeout (kernels backend)."""
         self._backend.synchronize()
 
+    def close(self) -> None:
+        """Release the buffer's memory now (collective; the kernels backend frees its mapped buffers once
+        every rank's kernels are done). The buffer cannot be used afterwards."""
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
+
     def _agree(self, operation: str, values: dict[str, int], failure: CheckFailed | None) -> None:
         """The cross-rank check of one call, as ``checks`` says (see the class docstring)."""
         if self.checks == "collective" or (self.checks == "first" and operation not in self._agreed):
-            agree(self.group, self.device, operation, values, failure)
+            agree(self.group, self._exchange_device, operation, values, failure)
             self._agreed.add(operation)
         elif failure is not None:
             raise ValueError(f"{operation} on rank {self.rank}: {failure}; nothing was sent (checks={self.checks!r}: "
@@ -497,13 +529,16 @@ class Buffer:
         """The backend asked for; ``auto`` asks every rank whether the kernels can run (collective)."""
         if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
             return TorchBackend(self.group, self.ranks_per_node)
-        usable, why = kernels.kernels_usable(self.group, self.device)
+        usable, why = kernels.kernels_usable(self.group, self.device, self.num_sms, self.shared_gpu,
+                                             self._exchange_device)
         if not usable:
             if backend == "kernels":
                 raise ValueError(f"backend='kernels' cannot run here: {why}. Use backend='torch' (or 'auto')")
+            if self.shared_gpu:
+                _log.warning("shared_gpu: the kernels cannot run (%s); using the torch backend over gloo", why)
             return TorchBackend(self.group, self.ranks_per_node)
         return kernels.KernelBackend(self.group, self.device, self.hidden, self.max_tokens_per_rank or 4096,
-                                     self.num_sms, config)
+                                     self.num_sms, config, self.shared_gpu, self._exchange_device)
 
 
 def _describe(value: Any, device: bool = False) -> str:

@@ -6,6 +6,9 @@ never used: ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and ``NCCL_NVLS_ENABLE=0`` ar
 mapping is made. Every dispatch and combine runs on exactly ``num_sms`` thread blocks (``num_sms / 2``
 channels of a sender and a receiver block). docs/comm_kernels.md describes the protocol.
 
+Ranks may also be processes sharing one GPU (``shared``, see :mod:`dualflow.comm.shared_gpu`): the group
+is gloo, the buffers are always mapped by CUDA IPC, and the same kernels run.
+
 Kernel launches of one buffer are ordered across streams (each waits for the previous one), because
 they share the rings' running counters.
 """
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dualflow import _cuda
+from dualflow.comm import peers, shared_gpu
 from dualflow.comm.layout import DispatchLayout
 from dualflow.comm.work import Pending
 from dualflow.utils.logging import get_logger
@@ -94,6 +98,7 @@ def _lib() -> ctypes.CDLL:
     lib.dualflow_comm_ipc_open.argtypes = [ptr, ptrs]
     lib.dualflow_comm_ipc_close.argtypes = [ptr]
     lib.dualflow_comm_free.argtypes = [ptr]
+    lib.dualflow_comm_device_sharing.argtypes = [c.c_int, ptr]
     lib.dualflow_comm_notify.argtypes = [sz, ptrs, c.c_int, ptr, ptr, i64, c.c_int, i64, c.c_uint64, ptr, ptr,
                                          c.c_uint64, ptr, ptr]
     lib.dualflow_comm_dispatch.argtypes = [sz, ptrs, c.c_int, i64, ptr, ptr, c.c_int, ptrs, ptrs, c.POINTER(i64),
@@ -153,6 +158,16 @@ def recv_prefix_host(counts: torch.Tensor) -> torch.Tensor:
     return prefix
 
 
+def device_sharing(device: torch.device) -> shared_gpu.DeviceSharing:
+    """How this process shares ``device``: its SMs, whether this process is an MPS client, the SMs it may use."""
+    if device.type != "cuda":
+        raise ValueError(f"how a GPU is shared can only be asked of a CUDA device, got {device}")
+    out = (ctypes.c_int32 * 3)()
+    _call("dualflow_comm_device_sharing", device.index if device.index is not None else torch.cuda.current_device(),
+          ctypes.addressof(out))
+    return shared_gpu.DeviceSharing(sms=out[0], mps=bool(out[1]), client_sms=out[2])
+
+
 def forbid_multicast() -> None:
     """Make sure nothing maps NVLink multicast objects (they can take a shared host's GPUs out of service)."""
     for name, value in _NO_MULTICAST.items():
@@ -181,14 +196,21 @@ class KernelRoute:
 
 
 class _PeerBuffers:
-    """This rank's buffer and every peer's, mapped into this process: symmetric memory or CUDA IPC."""
+    """This rank's buffer and every peer's, mapped into this process: symmetric memory or CUDA IPC.
 
-    def __init__(self, group: dist.ProcessGroup | None, nbytes: int, device: torch.device) -> None:
+    ``exchange_device`` holds the tensors of the set-up collectives (the CPU for gloo groups); ``ipc_only``
+    skips symmetric memory (ranks sharing one GPU over gloo). Every step that can fail on one rank only
+    ends with :func:`peers.agree`, so a failure raises on every rank instead of leaving peers waiting.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, nbytes: int, device: torch.device,
+                 exchange_device: torch.device, ipc_only: bool) -> None:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        usable = torch.tensor([int(_symmetric_memory_usable())], device=device)
-        dist.all_reduce(usable, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same path
+        self.group, self.device = group, device
         self._owned: int | None = None
         self._opened: list[int] = []
+        usable = torch.tensor([int(not ipc_only and _symmetric_memory_usable())], device=exchange_device)
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same path
         if usable.item():
             from torch.distributed import _symmetric_memory as symm
 
@@ -205,34 +227,67 @@ class _PeerBuffers:
             self._tensor.zero_()
             self.mechanism = "symmetric memory"
         else:
-            ptr, raw = ctypes.c_size_t(), (ctypes.c_uint8 * 64)()
-            _call("dualflow_comm_ipc_alloc", nbytes, ctypes.byref(ptr), ctypes.addressof(raw))
-            self._owned = ptr.value
-            handles = [torch.empty(64, dtype=torch.uint8, device=device) for _ in range(self.size)]
-            dist.all_gather(handles, torch.tensor(list(raw), dtype=torch.uint8, device=device), group=group)
-            self.ptrs = []
-            for r, h in enumerate(handles):
-                if r == self.rank:
-                    self.ptrs.append(self._owned)
-                    continue
-                opened = ctypes.c_size_t()
-                _call("dualflow_comm_ipc_open", ctypes.addressof((ctypes.c_uint8 * 64)(*h.cpu().tolist())),
-                      ctypes.byref(opened))
-                self._opened.append(opened.value)
-                self.ptrs.append(opened.value)
-            _call("dualflow_fill_u32", self._owned, nbytes // 4, 0, torch.cuda.current_stream(device).cuda_stream)
+            self.ptrs = self._map_ipc(nbytes)
             self.mechanism = "CUDA IPC"
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no peer writes into a buffer before it is zeroed
-        weakref.finalize(self, _PeerBuffers._release, list(self._opened), self._owned)
+        self._finalizer = weakref.finalize(self, _PeerBuffers._release, device, list(self._opened), self._owned)
+
+    def _map_ipc(self, nbytes: int) -> list[int]:
+        """Allocate this rank's buffer, exchange IPC handles, open the peers' (collective; fails together)."""
+        ptr, raw = ctypes.c_size_t(), (ctypes.c_uint8 * peers.IPC_HANDLE_BYTES)()
+        problem = None
+        try:
+            _call("dualflow_comm_ipc_alloc", nbytes, ctypes.byref(ptr), ctypes.addressof(raw))
+            self._owned = ptr.value
+        except _cuda.CudaLibraryError as exc:
+            problem = f"allocating {nbytes} bytes: {exc}"
+        try:
+            peers.agree(self.group, "allocating the kernels' buffers", problem, error=RuntimeError)
+            handles: list = [None] * self.size
+            dist.all_gather_object(handles, bytes(raw), group=self.group)
+            problem, ptrs = None, []
+            try:
+                ptrs, self._opened = peers.map_handles(handles, self.rank, self._owned, bytes(raw), _ipc_open,
+                                                       _ipc_close)
+            except (ValueError, _cuda.CudaLibraryError) as exc:
+                problem = f"mapping the peers' buffers: {exc}"
+            peers.agree(self.group, "mapping the kernels' buffers by CUDA IPC", problem, error=RuntimeError)
+        except BaseException:
+            _PeerBuffers._release(self.device, self._opened, self._owned)  # nothing ran on them yet
+            raise
+        _call("dualflow_fill_u32", self._owned, nbytes // 4, 0, torch.cuda.current_stream(self.device).cuda_stream)
+        return ptrs
+
+    def close(self) -> None:
+        """Unmap the peers' buffers, wait until every rank has, free this rank's (collective; call it only
+        once no rank's kernel uses the buffers). Exported memory freed while another process still maps
+        it is undefined behaviour in CUDA, hence the barrier between the two steps."""
+        self._finalizer.detach()
+        _PeerBuffers._release(self.device, self._opened, None)
+        dist.barrier(group=self.group)
+        _PeerBuffers._release(self.device, [], self._owned)
 
     @staticmethod
-    def _release(opened: list[int], owned: int | None) -> None:
+    def _release(device: torch.device, opened: list[int], owned: int | None) -> None:
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(device)  # this rank's kernels still in flight use the mappings
         with contextlib.suppress(Exception):
             for p in opened:
                 _call("dualflow_comm_ipc_close", p)
             if owned:
                 _call("dualflow_comm_free", owned)
+
+
+def _ipc_open(handle: bytes) -> int:
+    opened = ctypes.c_size_t()
+    _call("dualflow_comm_ipc_open", ctypes.addressof((ctypes.c_uint8 * len(handle)).from_buffer_copy(handle)),
+          ctypes.byref(opened))
+    return opened.value
+
+
+def _ipc_close(ptr: int) -> None:
+    _call("dualflow_comm_ipc_close", ptr)
 
 
 class _MappedWords:
@@ -252,16 +307,32 @@ class KernelBackend:
     name = "kernels"
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device, hidden: int, max_tokens: int,
-                 num_sms: int, config: KernelConfig) -> None:
+                 num_sms: int, config: KernelConfig, shared: bool = False,
+                 exchange_device: torch.device | None = None) -> None:
+        """Collective over ``group``. ``shared``: the ranks are processes sharing ``device`` on a gloo group
+        (``exchange_device`` is then the CPU); every rank must pass the same geometry and configuration."""
         forbid_multicast()
-        self.group, self.device, self.config = group, device, config
+        self.group, self.device, self.config, self.shared = group, device, config, shared
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        limit = config.max_buffer_bytes
-        if limit is None:
-            limit = torch.cuda.mem_get_info(device)[0]
-        self.sizing = buffer_size(hidden, max_tokens, config.max_topk, self.size, num_sms, config.fp8, limit)
+        exchange_device = exchange_device or device
+        problem, self.sharing = None, None
+        try:
+            if shared:
+                self.sharing = device_sharing(device)
+            limit = config.max_buffer_bytes
+            if limit is None:  # ranks sharing the GPU draw their buffers from the same free memory
+                limit = torch.cuda.mem_get_info(device)[0] // (self.size if shared else 1)
+            self.sizing = buffer_size(hidden, max_tokens, config.max_topk, self.size, num_sms, config.fp8, limit)
+        except Exception as exc:  # whatever it is, the other ranks must hear of it before the next collective
+            problem = str(exc) if isinstance(exc, (ValueError, _cuda.CudaLibraryError)) else repr(exc)
+        # A rank with another geometry would read and write its peers' buffers at other offsets: refuse it on
+        # every rank before anything is allocated.
+        peers.agree(group, "kernels backend set-up", problem, {
+            "hidden": hidden, "max_tokens_per_rank": max_tokens, "num_sms": num_sms, "shared_gpu": shared,
+            "KernelConfig.fp8": config.fp8, "KernelConfig.max_topk": config.max_topk,
+            "KernelConfig.timeout_s": config.timeout_s})
         self.num_sms = num_sms
-        self.buffers = _PeerBuffers(group, self.sizing.total_bytes, device)
+        self.buffers = _PeerBuffers(group, self.sizing.total_bytes, device, exchange_device, ipc_only=shared)
         self._peers = _array(ctypes.c_size_t, self.buffers.ptrs)
         self._mapped = _MappedWords(ERROR_WORDS + 1 + MAX_RANKS + MAX_LOCAL_EXPERTS)
         self._error = self._mapped.words[:ERROR_WORDS]
@@ -269,10 +340,12 @@ class KernelBackend:
         self._epoch = 0
         self._last: torch.cuda.Event | None = None
         self._failure: str | None = None
+        self._closed = False
         self._timeout_ns = int(config.timeout_s * 1e9)
 
     def describe(self) -> str:
-        return (f"kernels ({self.buffers.mechanism}, {self.sizing.num_channels} channels x "
+        where = f", {self.size} ranks sharing one GPU ({self.sharing.mode})" if self.sharing else ""
+        return (f"kernels ({self.buffers.mechanism}{where}, {self.sizing.num_channels} channels x "
                 f"{self.sizing.num_slots} slots of {self.sizing.slot_bytes} B, "
                 f"{self.sizing.total_bytes / 2**20:.1f} MiB per rank)")
 
@@ -295,6 +368,8 @@ class KernelBackend:
         return self._mapped.device_ptr
 
     def _launch(self, name: str, *args) -> None:
+        if self._closed:
+            raise RuntimeError("this kernels buffer was closed; create a new Buffer")
         self.check()
         stream = torch.cuda.current_stream(self.device)
         if self._last is not None:
@@ -357,6 +432,23 @@ class KernelBackend:
                      0 if out_w is None else out_w.data_ptr())
         return Pending(value=(out, out_w))
 
+    def close(self) -> None:
+        """Unmap the peers' buffers and free this rank's (collective; the buffer cannot be used afterwards).
+
+        A rank's kernel ends once it has what it waits for, while its peers may still be publishing how much
+        of its rows they consumed into its buffer: freeing a buffer is safe only after every rank's kernels
+        are done, hence the barrier (and a second one inside, between unmapping the peers' buffers and
+        freeing this one). Without ``close`` the memory is released when the backend is garbage collected,
+        which is safe only after such barriers too.
+        """
+        if self._closed:
+            return
+        if self._last is not None:
+            self._last.synchronize()
+        dist.barrier(group=self.group)
+        self.buffers.close()
+        self._closed = True
+
     # -- errors -------------------------------------------------------------------------------------
 
     def synchronize(self) -> None:
@@ -393,20 +485,46 @@ def _symmetric_memory_usable() -> bool:
         return False
 
 
-def kernels_usable(group: dist.ProcessGroup | None, device: torch.device) -> tuple[bool, str]:
-    """Whether every rank of ``group`` can run the kernels (collective): (answer, reason when not)."""
+def kernels_usable(group: dist.ProcessGroup | None, device: torch.device, num_sms: int | None = None,
+                   shared: bool = False, exchange_device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether every rank of ``group`` can run the kernels (collective): (answer, reason when not).
+
+    ``shared``: the ranks are processes sharing one GPU (gloo group, host exchanges on ``exchange_device``);
+    they must all be on the same device and, under MPS, fit on it together (:func:`shared_gpu.problem`).
+    ``num_sms``: checked against the SMs of the device (a kernel's blocks must all be resident).
+    """
     local = _local_reason(group, device)
+    sms, sharing = 0, None
+    if not local:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if shared:
+            try:
+                sharing = device_sharing(device)
+            except _cuda.CudaLibraryError as exc:
+                local = f"cannot tell how the GPU is shared ({exc})"
     info = [None] * dist.get_world_size(group)
-    dist.all_gather_object(info, (socket.gethostname(), "" if local else _bus_id(device), local), group=group)
-    reasons = [f"rank {r}: {why}" for r, (_, _, why) in enumerate(info) if why]
-    if not reasons and len({h for h, _, _ in info}) > 1:
+    mine = (socket.gethostname(), "" if local else _bus_id(device), local, sms, sharing)
+    dist.all_gather_object(info, mine, group=group)
+    hosts, buses, whys, counts, sharings = zip(*info)
+    reasons = [f"rank {r}: {why}" for r, why in enumerate(whys) if why]
+    if not reasons and len(set(hosts)) > 1:
         reasons.append("the group spans several nodes (the kernels are intranode; torch's hierarchical mode "
                        "carries cross-node traffic)")
-    if not reasons:
-        missing = _missing_nvlink(_bus_id(device), [b for _, b, _ in info])
+    if not reasons and shared:
+        if len(set(buses)) > 1:
+            reasons.append(f"shared_gpu needs every rank on the same GPU, the ranks are on {list(buses)} (by rank)")
+        else:
+            why = shared_gpu.problem(num_sms or 2, list(sharings))
+            if why:
+                reasons.append(why)
+    elif not reasons:
+        if num_sms is not None and num_sms > min(counts):
+            reasons.append(f"num_sms={num_sms} exceeds the {min(counts)} SMs of the GPUs (a kernel's blocks must "
+                           "all be resident at once)")
+        missing = _missing_nvlink(_bus_id(device), list(buses))
         if missing:
             reasons.append(f"rank {dist.get_rank(group)}: no NVLink to the GPU(s) at {missing}")
-    verdict = torch.tensor([0 if reasons else 1], device=device)
+    verdict = torch.tensor([0 if reasons else 1], device=exchange_device or device)
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
     if verdict.item():
         return True, ""
@@ -415,7 +533,8 @@ def kernels_usable(group: dist.ProcessGroup | None, device: torch.device) -> tup
 
 def _local_reason(group: dist.ProcessGroup | None, device: torch.device) -> str:
     if device.type != "cuda":
-        return "not a CUDA (NCCL) process group"
+        return (f"not a CUDA (NCCL) process group (ranks sharing one GPU over gloo: pass shared_gpu=True or set "
+                f"{shared_gpu.ENV}=1)")
     if not _cuda.is_available():
         return "libdualflow_cuda is not built"
     try:

@@ -78,7 +78,10 @@ def check_payload(x: object, hidden: int) -> tuple[Payload | None, str]:
 
 def as_byte_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [N, W] as ``[N, W * itemsize]`` uint8, sharing memory when ``t`` is contiguous."""
-    return t.contiguous().view(torch.uint8)
+    t = t.contiguous()
+    # Through 1-D: a contiguous [N, 1] tensor may have any stride on its last dim (torch.where makes
+    # [0, 1] with strides (1, 0)), which view(dtype) refuses.
+    return t.reshape(-1).view(torch.uint8).view(t.shape[0], t.shape[1] * t.element_size())
 
 
 def from_byte_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -44,7 +44,7 @@ FIELDS = ("operation", "hidden", "num_experts", "topk", "payload", "weights", "e
 OPERATIONS = {"Buffer()": 1, "dispatch": 2, "combine": 3}
 # How a disagreeing field's codes are shown.
 _SHOWN = {"payload": {1: "bfloat16", 2: "float32", 3: "float8_e4m3fn"},
-          "backend": {0: "auto", 1: "torch", 2: "kernels"}, "device": {0: "cpu", 1: "cuda"},
+          "backend": {0: "auto", 1: "torch", 2: "kernels"}, "device": {0: "cpu", 1: "cuda", 2: "cuda (shared_gpu)"},
           "checks": {0: "collective", 1: "first", 2: "local"}}
 
 
