@@ -44,13 +44,15 @@ def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    # FP32 arithmetic, the value rounded to h's dtype before it is quantized (what the fused kernel does)
     gate, up = h.float().chunk(2, dim=-1)
-    return gate / (1.0 + torch.exp(-gate)) * up
+    return (gate / (1.0 + torch.exp(-gate)) * up).to(h.dtype)
 
 
 def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = None,
                     end: torch.Tensor | None = None) -> tuple[Quantized, Quantized]:
-    """``silu(gate) * up`` of ``h = [gate | up]`` in FP32, quantized 1x128 and 128x1 (see quantize_1x128_and_128x1).
+    """``silu(gate) * up`` of ``h = [gate | up]`` (FP32 arithmetic, rounded to ``h``'s dtype), quantized 1x128 and
+    128x1 (see quantize_1x128_and_128x1).
 
     ``end`` (a device scalar) lets the fused kernel skip the rows from ``end`` on (left undefined).
     """
@@ -78,7 +80,7 @@ def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recip
     gate, up = h.float().chunk(2, dim=-1)
     sig = 1.0 / (1.0 + torch.exp(-gate))
     d = da.float()
-    dh = torch.cat([d * up * (sig * (1.0 + gate * (1.0 - sig))), d * (gate * sig)], dim=-1)
+    dh = torch.cat([d * up * (sig * (1.0 + gate * (1.0 - sig))), d * (gate * sig)], dim=-1).to(h.dtype)
     return quantize_1x128_and_128x1(dh, pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
 
 

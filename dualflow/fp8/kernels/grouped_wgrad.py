@@ -3,8 +3,8 @@
 ``out[g] = a[:, lo:hi] @ b[:, lo:hi].T`` with ``lo, hi = offsets[g], offsets[g+1]``, both operands E4M3
 with 1x128 scales along K (the tokens: the 128x1 quantization of the output gradient and of the
 layer input). Every offset must be a multiple of 128 so that no scale tile spans two groups; the block
-bounds are read on the device (no host synchronisation). One program per (group, N tile, M tile); a
-group without tokens gets zeros.
+bounds are read on the device (no host synchronisation). One program per (N tile, M tile, group), the
+tiles of a group launched together; a group without tokens gets zeros.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from dualflow.fp8.kernels.gemm import BLOCK_K, _k_loop
 def _kgrouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offsets_ptr, N, M,
                      s_an, s_ak, s_san, s_sak, s_bm, s_bk, s_sbm, s_sbk, s_cg, s_cn, s_cm,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    group = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # the tiles of one group are launched together (program_id(0) varies fastest), so that the group's
+    # operand columns are read from memory once and served from L2 to all of its tiles
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_n = tl.program_id(0) // tiles_m
+    pid_m = tl.program_id(0) % tiles_m
+    group = tl.program_id(1)
     # the block bounds are multiples of 128 (the caller's contract): saying so lets the compiler keep the
     # operand loads 16 bytes wide (without it, the run-time offset makes every FP8 load a single byte)
     lo = tl.multiple_of(tl.load(offsets_ptr + group).to(tl.int64), 128)
@@ -48,7 +51,7 @@ def kgrouped_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_s
     m = b.shape[0]
     groups = offsets.numel() - 1
     block_n, block_m = 128, 128
-    grid = (groups, triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m), groups)
     _kgrouped_kernel[grid](
         a, a_scales, b, b_scales, out, offsets, n, m,
         a.stride(0), a.stride(1), a_scales.stride(0), a_scales.stride(1),

@@ -1,14 +1,15 @@
 """Triton SwiGLU fused with FP8 quantization (DeepSeek-V3: the activation feeding an FP8 GEMM is quantized
-where it is computed, so it never travels in BF16).
+where it is computed, so it never travels to another kernel in BF16 for its 1x128 layout).
 
-- forward: ``h [T, 2H]`` (gate | up) -> ``a = silu(gate) * up`` quantized 1x128 (the down projection's
-  input) and 128x1 (its weight gradient), one program per 128x128 tile of ``a``;
-- backward: ``h`` and ``da [T, H]`` -> ``dh = (da * up * silu'(gate) | da * silu(gate))`` quantized 1x128
-  and 128x1 (the gate/up projection's input gradient and weight gradient); needs ``H % 128 == 0`` so
-  that each 128-column tile of ``dh`` lies in one half.
+- forward: ``h [T, 2H]`` (gate | up) -> ``a = silu(gate) * up``;
+- backward: ``h`` and ``da [T, H]`` -> ``dh = (da * up * silu'(gate) | da * silu(gate))``, ``[T, 2H]``.
 
-Arithmetic in FP32; ``silu(g) = g / (1 + exp(-g))``. The quantization is the one of
-:mod:`dualflow.fp8.kernels.quant` (same scale and rounding code).
+Each kernel computes its value in FP32, rounds it to the input's dtype (the value a BF16 step would hold),
+writes that and its 1x128 quantization in one pass over 32-row x 128-column tiles (few registers per
+thread, so many tiles in flight); the 128x1 quantization is the column-wise quantizer of
+:mod:`dualflow.fp8.kernels.quant` over the written value. (One kernel producing both layouts from a
+128x128 tile held in registers ran at about 15-20% of the copy bandwidth on an H200: the tiles spill.)
+``silu(g) = g / (1 + exp(-g))``; the scales and rounding are the quantizer's own code.
 """
 
 from __future__ import annotations
@@ -18,37 +19,36 @@ import triton
 import triton.language as tl
 
 from dualflow.fp8.kernels.quant import _scale, _to_fp8
+from dualflow.fp8.kernels.quant import quantize as _quantize
 from dualflow.fp8.quant import BLOCK, FP8_DTYPE
+
+_ROWS = 32
 
 
 @triton.jit
-def _quantize_tile(v, rows64, cols64, in_r, in_c, pid_r, pid_c, q_ptr, s_ptr, sqr, ssr, qt_ptr, st_ptr, sqtr,
-                   sstr, POW2: tl.constexpr):
-    # v: a [128, 128] FP32 tile (zero outside the tensor); both layouts written
-    ax = tl.abs(v)
-    nan = (v != v).to(tl.int32)
-    one = tl.full((128,), 1.0, tl.float32)
+def _rowwise_store(v, rows64, cols64, in_r, in_c, pid_c, v_ptr, svr, q_ptr, sqr, s_ptr, ssr, POW2: tl.constexpr):
     mask = in_r[:, None] & in_c[None, :]
-    scale = _scale(tl.max(ax, axis=1), tl.max(nan, axis=1) > 0, POW2)
+    v = v.to(v_ptr.dtype.element_ty)  # the value as the step holds it; both layouts quantize this
+    tl.store(v_ptr + rows64[:, None] * svr + cols64[None, :], v, mask=mask)
+    v = v.to(tl.float32)
+    nan = (v != v).to(tl.int32)
+    scale = _scale(tl.max(tl.abs(v), axis=1), tl.max(nan, axis=1) > 0, POW2)
+    one = tl.full((v.shape[0],), 1.0, tl.float32)
     tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], _to_fp8(v * tl.math.div_rn(one, scale)[:, None]),
              mask=mask)
     tl.store(s_ptr + rows64 * ssr + pid_c, scale, mask=in_r)
-    scale_t = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
-    qt = _to_fp8(v * tl.math.div_rn(one, scale_t)[None, :])
-    tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(qt), mask=in_c[:, None] & in_r[None, :])
-    tl.store(st_ptr + cols64 * sstr + pid_r, scale_t, mask=in_c)
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, T, H, shr, q_ptr, s_ptr, qt_ptr, st_ptr, sqr, ssr, sqtr, sstr, end_ptr,
-                       HAS_END: tl.constexpr, POW2: tl.constexpr):
+def _swiglu_fwd_kernel(h_ptr, T, H, shr, v_ptr, svr, q_ptr, sqr, s_ptr, ssr, end_ptr,
+                       HAS_END: tl.constexpr, POW2: tl.constexpr, ROWS: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     if HAS_END:  # rows from end on are not computed (their outputs stay undefined)
         T = tl.minimum(T, tl.load(end_ptr).to(tl.int32))
-        if pid_r * 128 >= T:
+        if pid_r * ROWS >= T:
             return
-    rows = pid_r * 128 + tl.arange(0, 128)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
     cols = pid_c * 128 + tl.arange(0, 128)
     in_r, in_c = rows < T, cols < H
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
@@ -57,24 +57,23 @@ def _swiglu_fwd_kernel(h_ptr, T, H, shr, q_ptr, s_ptr, qt_ptr, st_ptr, sqr, ssr,
     gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(base + H, mask=mask, other=0.0).to(tl.float32)
     a = gate / (1.0 + tl.exp(-gate)) * up
-    _quantize_tile(a, rows64, cols64, in_r, in_c, pid_r, pid_c, q_ptr, s_ptr, sqr, ssr, qt_ptr, st_ptr, sqtr, sstr,
-                   POW2)
+    _rowwise_store(a, rows64, cols64, in_r, in_c, pid_c, v_ptr, svr, q_ptr, sqr, s_ptr, ssr, POW2)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(h_ptr, da_ptr, T, H, shr, sdar, q_ptr, s_ptr, qt_ptr, st_ptr, sqr, ssr, sqtr, sstr, end_ptr,
-                       HAS_END: tl.constexpr, POW2: tl.constexpr):
+def _swiglu_bwd_kernel(h_ptr, da_ptr, T, H, shr, sdar, v_ptr, svr, q_ptr, sqr, s_ptr, ssr, end_ptr,
+                       HAS_END: tl.constexpr, POW2: tl.constexpr, ROWS: tl.constexpr):
     # programs [0, H/128) write the gate half of dh, [H/128, 2H/128) the up half
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     if HAS_END:
         T = tl.minimum(T, tl.load(end_ptr).to(tl.int32))
-        if pid_r * 128 >= T:
+        if pid_r * ROWS >= T:
             return
     half_blocks = H // 128
     up_half = pid_c >= half_blocks
     cb = tl.where(up_half, pid_c - half_blocks, pid_c)
-    rows = pid_r * 128 + tl.arange(0, 128)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
     cols = cb * 128 + tl.arange(0, 128)
     in_r, in_c = rows < T, cols < H
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
@@ -89,38 +88,41 @@ def _swiglu_bwd_kernel(h_ptr, da_ptr, T, H, shr, sdar, q_ptr, s_ptr, qt_ptr, st_
         up = tl.load(base + H, mask=mask, other=0.0).to(tl.float32)
         d = da * up * (sig * (1.0 + gate * (1.0 - sig)))
     out_cols64 = cols64 + tl.where(up_half, H, 0).to(tl.int64)
-    _quantize_tile(d, rows64, out_cols64, in_r, in_c, pid_r, pid_c, q_ptr, s_ptr, sqr, ssr, qt_ptr, st_ptr, sqtr,
-                   sstr, POW2)
+    _rowwise_store(d, rows64, out_cols64, in_r, in_c, pid_c, v_ptr, svr, q_ptr, sqr, s_ptr, ssr, POW2)
 
 
-def _outputs(rows: int, cols: int, device: torch.device):
+def _rowwise_outputs(rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    v = torch.empty(rows, cols, dtype=dtype, device=device)
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=device)
     s = torch.empty(rows, triton.cdiv(cols, BLOCK), dtype=torch.float32, device=device)
-    qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=device)
-    st = torch.empty(cols, triton.cdiv(rows, BLOCK), dtype=torch.float32, device=device)
-    return q, s, qt, st
+    return v, q, s
+
+
+def _columnwise(v: torch.Tensor, pow2_scales: bool):
+    _, _, qt, st = _quantize(v, rowwise=False, colwise=True, blockwise=False, pow2_scales=pow2_scales)
+    return qt, st
 
 
 def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None):
     """``(q, s, qt, st)`` of ``silu(gate) * up`` for ``h = [gate | up]``; with ``end`` (a device scalar), rows
-    from ``end`` on are skipped and left undefined."""
+    from ``end`` on are skipped and their outputs are undefined."""
     t, two_h = h.shape
     hidden = two_h // 2
-    q, s, qt, st = _outputs(t, hidden, h.device)
+    v, q, s = _rowwise_outputs(t, hidden, h.dtype, h.device)
     if t and hidden:
-        _swiglu_fwd_kernel[(triton.cdiv(t, 128), triton.cdiv(hidden, 128))](
-            h, t, hidden, h.stride(0), q, s, qt, st, q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, num_warps=8)
-    return q, s, qt, st
+        _swiglu_fwd_kernel[(triton.cdiv(t, _ROWS), triton.cdiv(hidden, 128))](
+            h, t, hidden, h.stride(0), v, v.stride(0), q, q.stride(0), s, s.stride(0),
+            end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, ROWS=_ROWS, num_warps=4)
+    return (q, s, *_columnwise(v, pow2_scales))
 
 
 def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None):
     """``(q, s, qt, st)`` of ``dh`` (``[T, 2H]``) from ``h`` and ``da``; ``H % 128 == 0``; ``end`` as above."""
     t, two_h = h.shape
     hidden = two_h // 2
-    q, s, qt, st = _outputs(t, two_h, h.device)
+    v, q, s = _rowwise_outputs(t, two_h, h.dtype, h.device)
     if t and hidden:
-        _swiglu_bwd_kernel[(triton.cdiv(t, 128), 2 * (hidden // 128))](
-            h, da, t, hidden, h.stride(0), da.stride(0), q, s, qt, st, q.stride(0), s.stride(0), qt.stride(0),
-            st.stride(0), end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, num_warps=8)
-    return q, s, qt, st
+        _swiglu_bwd_kernel[(triton.cdiv(t, _ROWS), 2 * (hidden // 128))](
+            h, da, t, hidden, h.stride(0), da.stride(0), v, v.stride(0), q, q.stride(0), s, s.stride(0),
+            end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, ROWS=_ROWS, num_warps=4)
+    return (q, s, *_columnwise(v, pow2_scales))
