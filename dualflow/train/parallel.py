@@ -59,7 +59,7 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
-class Topology:
+class ParallelLayout:
     """This process's coordinates and the groups it belongs to (``None`` groups when world is 1)."""
 
     cfg: ParallelConfig
@@ -71,7 +71,7 @@ class Topology:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def build(cls, cfg: ParallelConfig, device: torch.device | None = None) -> Topology:
+    def build(cls, cfg: ParallelConfig, device: torch.device | None = None) -> ParallelLayout:
         """Create the groups (collective: every rank calls it, in the same order)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != cfg.world:
@@ -120,17 +120,17 @@ def _flat_all_reduce(tensors: list[torch.Tensor], group: dist.ProcessGroup | Non
 
 
 @torch.no_grad()
-def reduce_gradients(params: dict[str, nn.Parameter], topo: Topology) -> None:
+def reduce_gradients(params: dict[str, nn.Parameter], layout: ParallelLayout) -> None:
     """Sum non-expert gradients over the data-parallel group, one flat all-reduce per dtype."""
-    if topo.cfg.dp == 1:
+    if layout.cfg.dp == 1:
         return
     grads = [p.grad for n, p in sorted(params.items()) if not is_expert(n) and p.grad is not None]
     for dtype in sorted({g.dtype for g in grads}, key=str):
-        _flat_all_reduce([g for g in grads if g.dtype == dtype], topo.dp_group)
+        _flat_all_reduce([g for g in grads if g.dtype == dtype], layout.dp_group)
 
 
 @torch.no_grad()
-def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], topo: Topology,
+def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], layout: ParallelLayout,
                    max_norm: float) -> float:
     """Scale all gradients so that the global norm is at most ``max_norm`` (0 = no clipping); return the norm.
 
@@ -139,13 +139,13 @@ def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], topo
     copy of a DualPipe stage nowhere).
     """
     counted = set(counted)
-    sq = torch.zeros((), dtype=torch.float64, device=topo.device)
+    sq = torch.zeros((), dtype=torch.float64, device=layout.device)
     for name, p in sorted(params.items()):
         if p.grad is None or name not in counted:
             continue
-        if is_expert(name) or topo.dp_rank == 0:
+        if is_expert(name) or layout.dp_rank == 0:
             sq += p.grad.detach().double().pow(2).sum()
-    norm = topo.all_reduce([float(sq)])[0] ** 0.5
+    norm = layout.all_reduce([float(sq)])[0] ** 0.5
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for p in params.values():
@@ -168,10 +168,10 @@ def zero1_owners(params: dict[str, nn.Parameter], dp: int) -> dict[str, int]:
 
 
 @torch.no_grad()
-def broadcast_owned(params: dict[str, nn.Parameter], owners: dict[str, int], topo: Topology) -> None:
+def broadcast_owned(params: dict[str, nn.Parameter], owners: dict[str, int], layout: ParallelLayout) -> None:
     """After a ZeRO-1 step: every non-expert parameter from its owner to the rest of the group."""
-    if topo.cfg.dp == 1:
+    if layout.cfg.dp == 1:
         return
-    ranks = dist.get_process_group_ranks(topo.dp_group)
+    ranks = dist.get_process_group_ranks(layout.dp_group)
     for name in sorted(owners):
-        dist.broadcast(params[name].data, src=ranks[owners[name]], group=topo.dp_group)
+        dist.broadcast(params[name].data, src=ranks[owners[name]], group=layout.dp_group)

@@ -29,7 +29,7 @@ from dualflow.train.engine import Engine, LocalEngine
 from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
 from dualflow.train.model import Stage
 from dualflow.train.optim import AdamW, learning_rate
-from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, reduce_gradients, zero1_owners
+from dualflow.train.parallel import ParallelLayout, broadcast_owned, clip_gradients, reduce_gradients, zero1_owners
 from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
 
 
@@ -48,7 +48,7 @@ class Summary:
     checkpoint: Path | None
 
 
-def build_stages(cfg: TrainConfig, topo: Topology) -> list[Stage]:
+def build_stages(cfg: TrainConfig, topo: ParallelLayout) -> list[Stage]:
     """This rank's stage modules, in the order the pipeline runtime expects them, initialised."""
     par, m = cfg.parallel, cfg.model
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
@@ -83,7 +83,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device | None = None, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
-        self.topo = topo = Topology.build(cfg.parallel, self.device)
+        self.topo = topo = ParallelLayout.build(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed + topo.rank)
         run, par = cfg.train, cfg.parallel
         self.run_dir = Path(run.run_dir)
@@ -137,9 +137,9 @@ class Trainer:
         scale = 1.0 / (par.microbatches * par.dp)
         if par.pp == 1:
             return LocalEngine(self.stages[0], par.microbatches, scale)
-        from dualflow.train.pipeline import PipelineEngine
+        from dualflow.train.pipeline import PipelinedEngine
 
-        return PipelineEngine(self.stages, self.topo, par, scale)
+        return PipelinedEngine(self.stages, self.topo, par, scale)
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
