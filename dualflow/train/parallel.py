@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
 from dualflow.train.partition import SCHEDULES
 
 
@@ -36,22 +37,21 @@ class ParallelConfig:
     comm_checks: str = "first"
 
     def __post_init__(self) -> None:
-        if self.pp < 1 or self.dp < 1:
-            raise ValueError(f"parallel.pp={self.pp} and parallel.dp={self.dp} must be >= 1")
-        if self.comm_checks not in ("collective", "first", "local"):
-            raise ValueError(f"parallel.comm_checks={self.comm_checks!r}: choose one of collective, first, local")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"parallel.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_fields(self, "parallel", pp=Range(ge=1), dp=Range(ge=1), schedule=OneOf(*SCHEDULES),
+                     microbatches=Range(ge=1), comm_checks=OneOf("collective", "first", "local"))
+        problems = []
         if self.schedule == "dualpipe" and self.pp % 2:
-            raise ValueError(f"parallel.schedule='dualpipe' needs an even number of pipeline ranks, got pp={self.pp}"
-                             "; use 'dualpipev' for any number")
+            problems.append(f"parallel.schedule='dualpipe' needs an even number of pipeline ranks, got parallel.pp="
+                            f"{self.pp}; use 'dualpipev' for any number")
         minimum = {"dualpipev": 2 * self.pp, "dualpipe": 2 * self.pp}.get(self.schedule, self.pp)
         if self.pp > 1 and self.microbatches < minimum:
-            raise ValueError(f"parallel.microbatches={self.microbatches}: {self.schedule} on {self.pp} pipeline "
-                             f"ranks needs at least {minimum}")
+            problems.append(f"parallel.microbatches={self.microbatches}: {self.schedule} on parallel.pp={self.pp} "
+                            f"pipeline ranks needs at least {minimum}")
         if self.schedule == "dualpipe" and self.pp > 1 and self.microbatches % 2:
-            raise ValueError(f"parallel.microbatches={self.microbatches}: dualpipe splits the micro-batches between "
-                             "its two ends and needs an even number")
+            problems.append(f"parallel.microbatches={self.microbatches}: dualpipe splits the micro-batches between "
+                            "its two ends and needs an even number")
+        if problems:
+            raise ConfigError(problems, "invalid parallel config")
 
     @property
     def world(self) -> int:
