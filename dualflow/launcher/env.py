@@ -363,7 +363,7 @@ def detect_site(
             "can reach); without it each node would rendezvous with itself.")
     if rdzv_endpoint is None:
         return Site("plain", 1, 0, None, "standalone", "plain machine, one node (standalone rendezvous)")
-    return Site("plain", n, 0, rdzv_endpoint, environ.get("DUALFLOW_RDZV_ID", "dualflow"),
+    return Site("plain", n, 0, rdzv_endpoint, environ.get("DUALFLOW_RDZV_ID") or "dualflow",
                 f"plain machine, {n} node(s), c10d rendezvous at {rdzv_endpoint}")
 
 
@@ -404,6 +404,6 @@ def recommended_env(environ: Mapping[str, str], log_dir: str | None = None) -> t
             add[names[0]] = value
         elif environ[user] != value:
             differs.append(f"{user}={environ[user]} (recommended {value})")
-    if log_dir is not None and not any(n in environ for n in _DUMP_FILE):
+    if log_dir and not any(n in environ for n in _DUMP_FILE):  # an empty DUALFLOW_LOG_DIR is no folder
         add[_DUMP_FILE[0]] = f"{log_dir.rstrip('/')}/nccl_trace_rank_"
     return add, differs

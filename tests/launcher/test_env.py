@@ -167,6 +167,11 @@ def test_launch_site_refuses(env, match):
         _site(env)
 
 
+def test_an_empty_rendezvous_id_is_the_default():
+    assert _site({"DUALFLOW_RDZV_ID": ""}, nnodes=2, rdzv_endpoint="n0:29400").rdzv_id == "dualflow"
+    assert _site({"DUALFLOW_RDZV_ID": "run7"}, nnodes=2, rdzv_endpoint="n0:29400").rdzv_id == "run7"
+
+
 def test_launch_site_accepts_single_node_allocations_and_single_rank_mpi():
     assert _site({"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1", "SLURM_PROCID": "0"}).rdzv_endpoint is None
     one = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
@@ -247,6 +252,8 @@ def test_recommended_env_sets_only_what_is_unset():
     assert differs == []
     add, _ = recommended_env({}, log_dir="/logs/run1/")
     assert add["TORCH_FR_DUMP_TEMP_FILE"] == "/logs/run1/nccl_trace_rank_"
+    add, _ = recommended_env({}, log_dir="")  # DUALFLOW_LOG_DIR set but empty: no folder (not /)
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in add
 
 
 def test_recommended_env_keeps_user_values_and_names_those_that_differ():
