@@ -69,7 +69,7 @@ def _split(t: torch.Tensor, n: int, dim: int, what: str) -> tuple[torch.Tensor, 
 
 
 def _check_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, ...], what: str, reference: str,
-                 fix: str) -> None:
+                  fix: str) -> None:
     """Raise ValueError naming ``what`` and the first tensor whose shape, dtype or requires-grad flag differs."""
     if got == expected:
         return
@@ -391,11 +391,11 @@ class _StepState:
         elif m.kind == "F":  # the receiver sizes this message from the header: it must match
             first, specs = self.announced[m.stage]
             _check_layout(tuple(TensorSpec.of(t) for t in tensors), specs,
-                         f"stage {m.stage} (pipeline rank {self.e.rank}) output of micro-batch {m.microbatch}",
-                         f"micro-batch {first}'s, announced to pipeline rank {m.dst} for this step",
-                         "Every micro-batch of a step must have the same shapes and dtypes (the receiver sizes its "
-                         "buffers from the first): split the batch into equal micro-batches and return outputs "
-                         "whose layout does not depend on the data")
+                          f"stage {m.stage} (pipeline rank {self.e.rank}) output of micro-batch {m.microbatch}",
+                          f"micro-batch {first}'s, announced to pipeline rank {m.dst} for this step",
+                          "Every micro-batch of a step must have the same shapes and dtypes (the receiver sizes its "
+                          "buffers from the first): split the batch into equal micro-batches and return outputs "
+                          "whose layout does not depend on the data")
         self.e.transport.send(m, tensors, header)
 
     def post(self, m: Message) -> None:
@@ -533,11 +533,11 @@ class _StepState:
             self.grads_in[(p, a.microbatch)] = grads
         else:  # the receiver posted buffers shaped like the activations it sent
             _check_layout(tuple(TensorSpec(tuple(g.shape), g.dtype, False) for g in grads),
-                         tuple(TensorSpec(tuple(x.shape), x.dtype, False) for x in chunk.inputs if x.requires_grad),
-                         f"stage {a.stage} (pipeline rank {self.e.rank}) input gradients of micro-batch "
-                         f"{a.microbatch}", "its inputs'",
-                         "The stage before it receives into buffers shaped like the activations it sent: a "
-                         "split_backward hook must return one gradient per input, of that input's shape and dtype")
+                          tuple(TensorSpec(tuple(x.shape), x.dtype, False) for x in chunk.inputs if x.requires_grad),
+                          f"stage {a.stage} (pipeline rank {self.e.rank}) input gradients of micro-batch "
+                          f"{a.microbatch}", "its inputs'",
+                          "The stage before it receives into buffers shaped like the activations it sent: a "
+                          "split_backward hook must return one gradient per input, of that input's shape and dtype")
             self.outbox[("B", a.stage, a.microbatch)] = grads
         chunk.inputs = ()  # the graph keeps what W still needs
 

@@ -170,7 +170,8 @@ def _slurm_tasks_here(environ: Mapping[str, str]) -> int:
         raise LauncherError(f"{name}={spec!r}: {exc}") from None
     node = env_int(environ, "SLURM_NODEID") or 0
     if node >= len(per_node) or per_node[node] < 1:
-        raise LauncherError(f"SLURM_NODEID={node} but {name}={spec!r} gives node {node} no task "
+        listing = f"{name}={spec!r}" if name else "SLURM_STEP_TASKS_PER_NODE (unset: one task on one node)"
+        raise LauncherError(f"SLURM_NODEID={node} but {listing} gives node {node} no task "
                             f"({len(per_node)} node(s) listed)")
     return per_node[node]
 
