@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.fp8 import (
     BackendUnavailable,

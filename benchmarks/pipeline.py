@@ -32,7 +32,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.dualpipe import Costs, DualPipe, DualPipeV, PipelineEngine, generate, simulate
 from dualflow.utils.timing import Table, write_record

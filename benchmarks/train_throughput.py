@@ -36,8 +36,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # a checkout, or the installed package (configs/ beside us)
+CHECKOUT = (ROOT / "dualflow").is_dir()
+if CHECKOUT:
+    sys.path.insert(0, str(ROOT))
 
 from dualflow.utils.timing import Table, write_record  # noqa: E402
 
@@ -73,7 +75,7 @@ def summarize(metrics: Path, warmup: int) -> dict:
 
 def _run(config: Path, nproc: int, steps: int, extra: list[str], run_dir: Path, log: Path) -> None:
     cmd = [sys.executable, "-m", "dualflow", "launch", "--nproc-per-node", str(nproc), "--log-dir",
-           str(run_dir / "logs"), "--", "-m", "dualflow", "train", str(config), "--fresh",
+           str(run_dir / "logs"), "--", "-m", "dualflow", "train", str(config.resolve()), "--fresh",
            f"--train.steps={steps}", f"--train.run_dir={run_dir}", f"--train.val_every={steps}",
            "--train.val_batches=1", "--checkpoint.enabled=false", *extra]
     _call(cmd, log)
@@ -89,7 +91,8 @@ def _run_peer(config: Path, experts: str, steps: int, warmup: int, sets: list[st
 
 def _call(cmd: list[str], log: Path) -> None:
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+        proc = subprocess.run(cmd, cwd=ROOT if CHECKOUT else None, stdout=fh, stderr=subprocess.STDOUT,
+                              env=dict(os.environ))
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"training run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")

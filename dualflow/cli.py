@@ -1,4 +1,4 @@
-"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|bench``.
+"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|bench`` and ``dualflow --version``.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs, so ``dualflow info`` stays
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from dualflow import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualflow", description="DualPipe pipelines, FP8 and MoE communication for PyTorch training."
     )
+    parser.add_argument("-V", "--version", action="store_true", help="print the version of dualflow and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"dualflow {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

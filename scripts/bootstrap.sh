@@ -18,7 +18,7 @@ python_deps() {
   fi
   # Build requirements first, so the editable install runs without build isolation (no second download
   # and no CMake build of the CUDA library: `make build` builds that one into build/cuda).
-  "$PYTHON" -m pip install -q --root-user-action=ignore "scikit-build-core>=0.10" "nvidia-cutlass>=4.0"
+  "$PYTHON" -m pip install -q --root-user-action=ignore "scikit-build-core>=1.0" "nvidia-cutlass>=4.0"
   "$PYTHON" -m pip install -q --root-user-action=ignore --no-build-isolation --config-settings=cmake.define.DUALFLOW_CUDA=OFF -e ".[$extras]"
 }
 

@@ -21,11 +21,17 @@ from dualflow.dualpipe.validate import validate
 from dualflow.utils.timing import Table
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", default="dualpipe", choices=sorted(GENERATORS), help="schedule to show")
-    parser.add_argument("--ranks", type=int, default=8, help="pipeline ranks (devices)")
-    parser.add_argument("--microbatches", type=int, default=20, help="micro-batches per step")
-    parser.add_argument("--stages-per-rank", type=int, default=2, help="stages per rank of the interleaved kind")
+    parser.add_argument("--ranks", type=_positive, default=8, help="pipeline ranks (devices)")
+    parser.add_argument("--microbatches", type=_positive, default=20, help="micro-batches per step")
+    parser.add_argument("--stages-per-rank", type=_positive, default=2, help="stages per rank of the interleaved kind")
     parser.add_argument("--costs", default="", help="durations, e.g. F=1,B=2,W=1,FB=2.5,latency=0 "
                         "(B is the full backward, FB an overlapped forward+backward pair)")
     parser.add_argument("--png", type=Path, help="write the timeline as PNG")
@@ -84,6 +90,10 @@ def comparison(ranks: int, microbatches: int, costs: Costs, stages_per_rank: int
 def run(args: argparse.Namespace) -> int:
     try:
         costs = Costs.parse(args.costs)
+    except ValueError as exc:
+        print(f"dualflow schedule: --costs {args.costs!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
         options = {"stages_per_rank": args.stages_per_rank} if args.kind == "interleaved" else {}
         schedule = generate(args.kind, args.ranks, args.microbatches, **options)
         validate(schedule)

@@ -4,8 +4,9 @@
   send FP8 or bool, and NCCL needs no per-dtype support.
 - Shapes, dtypes and ``requires_grad`` of an activation message travel in a small header sent before the
   first message of each activation stream (one producing stage) in every step; the receiver decodes it
-  once and posts the stream's later receives with the cached layout. Gradient messages need no header:
-  they are gradients of tensors the receiver produced.
+  once and posts the stream's later receives with the cached layout (the runtime checks, on the sender,
+  that they match it). Gradient messages need no header: they are gradients of tensors the receiver
+  produced.
 - Receives are posted early and waited on just before use; sends never block compute. On CUDA the
   operations are issued from the transport's own stream.
 - Every host-side wait has a deadline; when it passes, :class:`PipelineStallError` reports what this
@@ -53,6 +54,9 @@ class TensorSpec:
     @classmethod
     def of(cls, t: torch.Tensor) -> TensorSpec:
         return cls(tuple(t.shape), t.dtype, t.requires_grad)
+
+    def __str__(self) -> str:
+        return f"{self.shape} {str(self.dtype).removeprefix('torch.')}{' requiring grad' if self.requires_grad else ''}"
 
 
 def encode_header(specs: Sequence[TensorSpec]) -> list[int]:
@@ -104,6 +108,7 @@ class Transport:
         self.sends: list[tuple[object, torch.Tensor, Message]] = []
         self.recvs: dict[tuple, _Recv] = {}
         self.deadline = float("inf")
+        self.in_flight = False  # an operation was issued since the last finish() that completed cleanly
 
     # ---- host-side waiting with a deadline -----------------------------------------------------
     def progress(self) -> None:
@@ -144,6 +149,7 @@ class Transport:
 
     # ---- sends -------------------------------------------------------------------------------------
     def _issue(self, op, t: torch.Tensor, peer: int):
+        self.in_flight = True
         if self.stream is None:
             return op(t, self.peers[peer], group=self.group)
         with torch.cuda.stream(self.stream):
@@ -178,6 +184,10 @@ class Transport:
         for work, _, m in old:
             self._host_wait(work, f"the send of {m.kind}{m.stage}.{m.microbatch} to rank {m.dst} to complete")
 
+    def pending(self) -> bool:
+        """Whether an operation issued since the last clean :meth:`finish` may still be in flight."""
+        return self.in_flight
+
     def finish(self) -> None:
         """Wait until every send of the step has completed."""
         for work, _, m in self.sends:
@@ -187,6 +197,7 @@ class Transport:
             left = ", ".join(f"{m.kind}{m.stage}.{m.microbatch}" for m in (r.message for r in self.recvs.values()))
             self.recvs.clear()
             raise RuntimeError(f"pipeline step ended with received but unused messages: {left}")
+        self.in_flight = False
 
     # ---- receives ----------------------------------------------------------------------------------
     def post(self, message: Message, specs: tuple[TensorSpec, ...] | None) -> tuple[TensorSpec, ...]:

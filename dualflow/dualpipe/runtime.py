@@ -68,6 +68,19 @@ def _split(t: torch.Tensor, n: int, dim: int, what: str) -> tuple[torch.Tensor, 
     return t.chunk(n, dim)
 
 
+def _check_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, ...], what: str, reference: str,
+                  fix: str) -> None:
+    """Raise ValueError naming ``what`` and the first tensor whose shape, dtype or requires-grad flag differs."""
+    if got == expected:
+        return
+    if len(got) != len(expected):
+        where = f"{len(got)} tensors where {reference} layout has {len(expected)}"
+    else:
+        i = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+        where = f"tensor {i} is {got[i]}, expected {expected[i]} (as {reference})"
+    raise ValueError(f"{what}: {where}. {fix}")
+
+
 def _edge(t: torch.Tensor) -> GradientEdge:
     """Where ``t``'s gradient enters the graph; holding it instead of ``t`` lets ``t``'s memory go."""
     return GradientEdge(t.grad_fn, t.output_nr) if t.grad_fn is not None else get_gradient_edge(t)
@@ -144,6 +157,7 @@ class PipelineEngine(nn.Module):
         self.transport = Transport(self.group, peers, self.device, timeout, self._describe)
         self._programs: dict[tuple[int, bool], tuple[Schedule, list[Op]]] = {}
         self._state: _StepState | None = None  # the step in progress, for stall reports
+        self._broken: str | None = None  # why the engine refuses further steps (see step())
         self.last_stats: StepStats | None = None
         self._steps = 0
 
@@ -181,6 +195,8 @@ class PipelineEngine(nn.Module):
         micro-batches leave, the per-micro-batch losses stacked (if a criterion was given) and, with
         ``return_outputs``, the outputs concatenated along ``batch_dim``; None elsewhere.
         """
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         training = torch.is_grad_enabled()
         schedule, program = self._program(num_chunks, training)
         self._steps += 1
@@ -193,15 +209,40 @@ class PipelineEngine(nn.Module):
             with self._checkpointing(training):
                 state.run(program)
         except PipelineStallError as exc:
-            raise PipelineStallError(self._gather_reports(str(exc))) from None
+            self._refuse_if_pending("stalled")
+            raise PipelineStallError(self._gather_reports(str(exc)) + self._rebuild_hint()) from None
         except Exception as exc:  # let the peers' stall reports say why this rank stopped
             self._publish_failure(f"{type(exc).__name__} at {self._op}: {exc}", before=False)
+            self._refuse_if_pending(f"failed with {type(exc).__name__}")
             raise
         self._state = None
         if training:
-            self.after_backward()
+            try:
+                self.after_backward()
+            except Exception as exc:  # its exchange with the peers may still be in flight
+                self._refuse(f"failed after its last action with {type(exc).__name__}")
+                raise
         self.last_stats = state.stats()
         return state.results()
+
+    def _refuse_if_pending(self, what: str) -> None:
+        """After a failed step: refuse further steps if any of its sends or receives may still be in flight.
+
+        Posted point-to-point operations cannot be cancelled (gloo and NCCL have no such call); one left
+        behind would match a message of the next step on the same group, so the engine cannot run again.
+        A failure before the first send or receive leaves nothing behind, and the engine stays usable.
+        """
+        if self.transport.pending():
+            self._refuse(what)
+
+    def _refuse(self, what: str) -> None:
+        self._broken = (f"this pipeline engine cannot run another step: step {self._steps} {what} while point-to-"
+                        f"point operations on process group {self.group.group_name!r} were still in flight, and "
+                        "they would match the next step's messages. Build a new engine on a new process group "
+                        "(torch.distributed.new_group) on every rank of the pipeline, or restart the job")
+
+    def _rebuild_hint(self) -> str:
+        return f"\n{self._broken}" if self._broken is not None else ""
 
     def after_backward(self) -> None:
         """Called at the end of each training step; :class:`DualPipe` sums its duplicated stages here."""
@@ -310,7 +351,7 @@ class _StepState:
         self.grads_in: dict[tuple[int, int], list[torch.Tensor]] = {}          # same-rank gradients
         self.outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}       # produced, not yet sent
         self.layouts: dict[int, tuple[TensorSpec, ...]] = {}                   # activation layout per stage
-        self.announced: set[int] = set()                                      # stages whose header went out
+        self.announced: dict[int, tuple[int, tuple[TensorSpec, ...]]] = {}     # stage -> (micro-batch, its header)
         self.losses: dict[int, dict[int, torch.Tensor]] = {c: {} for c in ends}
         self.outputs: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {c: {} for c in ends}
         self.live = self.peak = 0
@@ -345,7 +386,16 @@ class _StepState:
     def send(self, m: Message) -> None:
         tensors = self.outbox.pop((m.kind, m.stage, m.microbatch))
         header = m.kind == "F" and m.stage not in self.announced
-        self.announced.add(m.stage)
+        if header:
+            self.announced[m.stage] = (m.microbatch, tuple(TensorSpec.of(t) for t in tensors))
+        elif m.kind == "F":  # the receiver sizes this message from the header: it must match
+            first, specs = self.announced[m.stage]
+            _check_layout(tuple(TensorSpec.of(t) for t in tensors), specs,
+                          f"stage {m.stage} (pipeline rank {self.e.rank}) output of micro-batch {m.microbatch}",
+                          f"micro-batch {first}'s, announced to pipeline rank {m.dst} for this step",
+                          "Every micro-batch of a step must have the same shapes and dtypes (the receiver sizes its "
+                          "buffers from the first): split the batch into equal micro-batches and return outputs "
+                          "whose layout does not depend on the data")
         self.e.transport.send(m, tensors, header)
 
     def post(self, m: Message) -> None:
@@ -481,7 +531,13 @@ class _StepState:
                  for x, g in zip(chunk.inputs, input_grads) if x.requires_grad]
         if place[p] == self.e.rank:
             self.grads_in[(p, a.microbatch)] = grads
-        else:
+        else:  # the receiver posted buffers shaped like the activations it sent
+            _check_layout(tuple(TensorSpec(tuple(g.shape), g.dtype, False) for g in grads),
+                          tuple(TensorSpec(tuple(x.shape), x.dtype, False) for x in chunk.inputs if x.requires_grad),
+                          f"stage {a.stage} (pipeline rank {self.e.rank}) input gradients of micro-batch "
+                          f"{a.microbatch}", "its inputs'",
+                          "The stage before it receives into buffers shaped like the activations it sent: a "
+                          "split_backward hook must return one gradient per input, of that input's shape and dtype")
             self.outbox[("B", a.stage, a.microbatch)] = grads
         chunk.inputs = ()  # the graph keeps what W still needs
 

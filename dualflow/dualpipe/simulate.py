@@ -14,6 +14,7 @@ an F&B the forward allocates before the backward frees, as when the two run inte
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,14 @@ class Costs:
             if not sep or key.strip().lower() not in names:
                 raise ValueError(f"cannot parse cost {item!r}; expected KEY=NUMBER with KEY one of "
                                  "F, B, W, FB, latency")
-            values[names[key.strip().lower()]] = float(value)
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not (math.isfinite(number) and number >= 0):
+                raise ValueError(f"cost {item!r}: {value.strip()!r} is not a finite number >= 0; expected "
+                                 "KEY=NUMBER, e.g. F=1,B=2,W=1")
+            values[names[key.strip().lower()]] = number
         return cls(**values)
 
     def scaled(self, factor: float) -> Costs:

@@ -10,7 +10,10 @@
 
 from dualflow.launcher.config import (
     ConfigError,
+    OneOf,
+    Range,
     add_config_arguments,
+    check_fields,
     config_from_args,
     config_keys,
     load_config,
@@ -32,9 +35,12 @@ __all__ = [
     "GpuTelemetry",
     "LaunchPlan",
     "LauncherError",
+    "OneOf",
     "Placement",
+    "Range",
     "Site",
     "add_config_arguments",
+    "check_fields",
     "config_from_args",
     "config_keys",
     "detect_process",

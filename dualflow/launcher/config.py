@@ -5,6 +5,12 @@ other field a key. Every problem is collected before anything is built, then rep
 keys (with the valid keys of their table and the nearest match), wrong types (expected vs received),
 required keys that are missing, and errors raised by the dataclasses' own ``__post_init__``.
 
+A dataclass declares the values each key admits in its ``__post_init__`` with :func:`check_fields`,
+which also runs when the class is built directly in Python:
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optim", lr=Range(gt=0), schedule=OneOf("cosine", "constant"))
+
     @dataclass(frozen=True)
     class Optim:
         lr: float = 3e-4
@@ -50,15 +56,90 @@ _NONE_WORDS = ("none", "null")
 
 
 class ConfigError(ValueError):
-    """Everything wrong with a configuration, one problem per line."""
+    """Everything wrong with a configuration, one problem per line (a single problem on the first line)."""
 
     def __init__(self, problems: Sequence[str], source: str = "config") -> None:
         self.problems = tuple(problems)
-        super().__init__(f"{source}: {len(self.problems)} problem(s):\n  " + "\n  ".join(self.problems))
+        if len(self.problems) == 1:
+            super().__init__(f"{source}: {self.problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(self.problems)} problem(s):\n  " + "\n  ".join(self.problems))
 
 
 class _Mismatch(Exception):
     pass
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**63 else f"{v:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key admits: ``Range(ge=1)``, ``Range(gt=0, lt=1)``; never NaN or infinite.
+
+    ``note`` says what a boundary value means (``Range(ge=0, note="0: off")``).
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def admits(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {_number(b)}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                  if b is not None]
+        return " and ".join(bounds) + (f" ({self.note})" if self.note else "")
+
+
+class OneOf:
+    """The values a key admits, listed: ``OneOf("mha", "mla")``."""
+
+    def __init__(self, *choices: Any) -> None:
+        self.choices = choices
+
+    def admits(self, v: Any) -> bool:
+        return v in self.choices and not (isinstance(v, bool) and not any(isinstance(c, bool) for c in self.choices))
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+
+def check_fields(cfg: Any, section: str, **checks: Range | OneOf) -> None:
+    """Check a config dataclass where it is built (call it first in ``__post_init__``).
+
+    Every field is checked against its type, and each field named in ``checks`` against its
+    :class:`Range` or :class:`OneOf`. Raises :class:`ConfigError` with one line per bad key, each key
+    written as the user writes it (``section.key``), with what is expected and the value received.
+    Fields that are config sections are left to their own ``__post_init__``; None passes where the type
+    allows it.
+    """
+    hints = _hints(type(cfg))
+    if unknown := sorted(set(checks) - set(hints)):
+        raise TypeError(f"check_fields: {type(cfg).__name__} has no field {', '.join(unknown)}")
+    problems = []
+    for name, tp in hints.items():
+        key, value = f"{section}.{name}" if section else name, getattr(cfg, name)
+        if _is_config(tp):
+            continue
+        try:
+            _convert(value, tp)
+        except _Mismatch:
+            problems.append(f"{key}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+            continue
+        check = checks.get(name)
+        if check is not None and value is not None and not check.admits(value):
+            what = "" if isinstance(check, OneOf) else type_name(tp).replace(" | None", "") + " "
+            problems.append(f"{key}: expected {what}{check}, got {value!r}")
+    if problems:
+        raise ConfigError(problems, f"invalid {section or type(cfg).__name__} config")
 
 
 def _is_config(tp: Any) -> bool:
@@ -234,9 +315,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
         return None  # the problems are reported together; nothing is constructed
     try:
         return cls(**kwargs)
+    except ConfigError as exc:  # from check_fields: the problems name their keys
+        problems.extend(exc.problems)
     except (TypeError, ValueError) as exc:
         problems.append(f"{where}: {exc}")
-        return None
+    return None
 
 
 def parse_override(text: str) -> tuple[str, str]:

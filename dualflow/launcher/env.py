@@ -15,6 +15,7 @@ A launcher inside a launcher (torchrun in a per-GPU srun or mpirun) is refused w
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -94,21 +95,62 @@ RECOMMENDED: tuple[tuple[tuple[str, ...], str], ...] = (
 _DUMP_FILE = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 
 
-def _int(environ: Mapping[str, str], name: str) -> int | None:
+# Every integer variable read from a launcher's environment, with the least value it may take (ranks and
+# ids from 0, sizes and counts from 1) and, for ports, the most.
+_RANKS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+          "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "MPI_LOCALRANKID", "PMIX_RANK",
+          "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+          "TORCHELASTIC_RESTART_COUNT")
+_SIZES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+          "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_MCA_orte_num_nodes",
+          "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_NTASKS")
+INT_VARIABLES: dict[str, tuple[int, int | None]] = {
+    **{name: (0, None) for name in _RANKS}, **{name: (1, None) for name in _SIZES}, "MASTER_PORT": (1, 65535)}
+_DIGITS = re.compile(r"\s*\d+\s*")
+
+
+def env_int(environ: Mapping[str, str], name: str) -> int | None:
+    """The value of the integer variable ``name`` (one of :data:`INT_VARIABLES`), None when it is unset.
+
+    Raises :class:`LauncherError` naming the variable, the value and what is expected when the value is
+    empty, not a whole number, or out of range.
+    """
+    low, high = INT_VARIABLES[name]
     value = environ.get(name)
-    if value is None or value.strip() == "":
+    if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise LauncherError(f"{name}={value!r} is not an integer; the launcher's variables are malformed") from None
+    n = int(value) if _DIGITS.fullmatch(value) else None
+    if n is None or n < low or (high is not None and n > high):
+        expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise LauncherError(f"{name}={value!r}: expected {expected}; correct or unset {name} in the environment "
+                            "that starts the processes")
+    return n
+
+
+def launched(environ: Mapping[str, str]) -> bool:
+    """Whether a launcher started this process as one of several (a world size above 1, or a PMIx rank)."""
+    sizes = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+    return any((env_int(environ, v) or 1) > 1 for v in sizes) or env_int(environ, "PMIX_RANK") is not None
 
 
 def _require(environ: Mapping[str, str], name: str, why: str) -> int:
-    value = _int(environ, name)
+    value = env_int(environ, name)
     if value is None:
         raise LauncherError(f"{name} is not set, but {why}")
     return value
+
+
+def _check_place(source: str, rank: tuple[str, int], size: tuple[str, int], local_rank: tuple[str, int],
+                 local_size: tuple[str, int]) -> None:
+    """Ranks below their sizes, a node no larger than the world; the message names the variables."""
+    problems = [f"{r[0]}={r[1]} is not below {n[0]}={n[1]}" for r, n in ((rank, size), (local_rank, local_size))
+                if r[1] >= n[1]]
+    if local_size[1] > size[1]:
+        problems.append(f"{local_size[0]}={local_size[1]} exceeds {size[0]}={size[1]}")
+    if problems:
+        raise LauncherError(f"inconsistent placement from {source}: {'; '.join(problems)}; expected 0 <= rank < "
+                            "world size and 0 <= local rank < local world size <= world size (check the launcher's "
+                            "variables)")
 
 
 def _slurm_step(environ: Mapping[str, str]) -> bool:
@@ -116,21 +158,33 @@ def _slurm_step(environ: Mapping[str, str]) -> bool:
     return "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ
 
 
+def _first_set(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
+    return next(((n, environ[n]) for n in names if environ.get(n)), None)
+
+
 def _slurm_tasks_here(environ: Mapping[str, str]) -> int:
-    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
-    per_node = expand_tasks_per_node(spec)
-    node = _int(environ, "SLURM_NODEID") or 0
-    if node >= len(per_node):
-        raise LauncherError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={spec!r} lists {len(per_node)} nodes")
+    name, spec = _first_set(environ, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")) or ("", "1")
+    try:
+        per_node = expand_tasks_per_node(spec)
+    except ValueError as exc:
+        raise LauncherError(f"{name}={spec!r}: {exc}") from None
+    node = env_int(environ, "SLURM_NODEID") or 0
+    if node >= len(per_node) or per_node[node] < 1:
+        listing = f"{name}={spec!r}" if name else "SLURM_STEP_TASKS_PER_NODE (unset: one task on one node)"
+        raise LauncherError(f"SLURM_NODEID={node} but {listing} gives node {node} no task "
+                            f"({len(per_node)} node(s) listed)")
     return per_node[node]
 
 
 def _slurm_nodes(environ: Mapping[str, str], resolve: Callable[[str], list[str]]) -> list[str]:
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
+    found = _first_set(environ, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    if found is None:
         raise LauncherError("SLURM_STEP_NODELIST and SLURM_JOB_NODELIST are unset inside a SLURM step; "
                             "cannot tell where the first node is")
-    return resolve(nodelist)
+    try:
+        return resolve(found[1])
+    except ValueError as exc:
+        raise LauncherError(f"{found[0]}={found[1]!r}: {exc}") from None
 
 
 def slurm_port(environ: Mapping[str, str]) -> int:
@@ -138,10 +192,10 @@ def slurm_port(environ: Mapping[str, str]) -> int:
 
     The range 10000-29999 stays below Linux's ephemeral ports.
     """
-    if (port := _int(environ, "MASTER_PORT")) is not None:
+    if (port := env_int(environ, "MASTER_PORT")) is not None:
         return port
-    job = _int(environ, "SLURM_JOB_ID") or 0
-    step = _int(environ, "SLURM_STEP_ID") or 0
+    job = env_int(environ, "SLURM_JOB_ID") or 0
+    step = env_int(environ, "SLURM_STEP_ID") or 0
     return 10000 + (job * 16 + step) % 20000
 
 
@@ -158,20 +212,21 @@ def _srun_started_ranks(environ: Mapping[str, str], mpi) -> bool:
     """
     if not _slurm_step(environ):
         return False
-    size = _int(environ, mpi[2]) if mpi[2] else None
-    return size is None or size == _int(environ, "SLURM_STEP_NUM_TASKS")
+    size = env_int(environ, mpi[2]) if mpi[2] else None
+    return size is None or size == env_int(environ, "SLURM_STEP_NUM_TASKS")
 
 
 def _from_slurm(environ: Mapping[str, str], resolve: Callable[[str], list[str]]) -> Placement:
     nodes = _slurm_nodes(environ, resolve)
+    why = "it is set in every srun task"
+    rank, world = _require(environ, "SLURM_PROCID", why), _require(environ, "SLURM_STEP_NUM_TASKS", why)
+    local_rank, local_world = _require(environ, "SLURM_LOCALID", why), _slurm_tasks_here(environ)
+    _check_place("slurm", ("SLURM_PROCID", rank), ("SLURM_STEP_NUM_TASKS", world), ("SLURM_LOCALID", local_rank),
+                 ("the tasks of this node in SLURM_STEP_TASKS_PER_NODE", local_world))
     return Placement(
-        source="slurm",
-        rank=_require(environ, "SLURM_PROCID", "it is set in every srun task"),
-        world_size=_require(environ, "SLURM_STEP_NUM_TASKS", "it is set in every srun task"),
-        local_rank=_require(environ, "SLURM_LOCALID", "it is set in every srun task"),
-        local_world_size=_slurm_tasks_here(environ),
-        node_rank=_int(environ, "SLURM_NODEID") or 0,
-        num_nodes=_int(environ, "SLURM_STEP_NUM_NODES") or len(nodes),
+        source="slurm", rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+        node_rank=env_int(environ, "SLURM_NODEID") or 0,
+        num_nodes=env_int(environ, "SLURM_STEP_NUM_NODES") or len(nodes),
         master_addr=environ.get("MASTER_ADDR") or nodes[0],
         master_port=slurm_port(environ),
     )
@@ -179,7 +234,7 @@ def _from_slurm(environ: Mapping[str, str], resolve: Callable[[str], list[str]])
 
 def _from_mpi(environ: Mapping[str, str], family, mpi_world: Callable[[], MpiWorld] | None) -> Placement:
     name, rank_var, size_var, lrank_var, lsize_var = family
-    values = [_int(environ, v) if v else None for v in (rank_var, size_var, lrank_var, lsize_var)]
+    values = [env_int(environ, v) if v else None for v in (rank_var, size_var, lrank_var, lsize_var)]
     if any(v is None for v in values):
         if mpi_world is None:
             missing = [v or f"({name} sets no such variable)" for v, x in zip(family[1:], values) if x is None]
@@ -188,31 +243,36 @@ def _from_mpi(environ: Mapping[str, str], family, mpi_world: Callable[[], MpiWor
                 "(`pip install dualflow[mpi]`) so that the MPI library itself can be asked")
         world = mpi_world()
         values = [world.rank, world.world_size, world.local_rank, world.local_world_size]
+        names = [f"the MPI library's {what}" for what in ("rank", "size", "local rank", "local size")]
         num_nodes = world.num_nodes
     else:
-        num_nodes = _int(environ, "OMPI_MCA_orte_num_nodes") or math.ceil(values[1] / values[3])
+        names = [rank_var, size_var, lrank_var, lsize_var]
+        num_nodes = env_int(environ, "OMPI_MCA_orte_num_nodes") or math.ceil(values[1] / values[3])
     rank, world_size, local_rank, local_world_size = values
+    _check_place(name, *zip(names, values))
     return Placement(
         source=name, rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
         # Block placement (consecutive ranks share a node) is what mpirun and srun do by default.
         node_rank=rank // local_world_size, num_nodes=num_nodes,
-        master_addr=environ.get("MASTER_ADDR") or None, master_port=_int(environ, "MASTER_PORT"),
+        master_addr=environ.get("MASTER_ADDR") or None, master_port=env_int(environ, "MASTER_PORT"),
     )
 
 
 def _from_torchrun(environ: Mapping[str, str]) -> Placement:
     rank = _require(environ, "RANK", "WORLD_SIZE is set")
     world = _require(environ, "WORLD_SIZE", "RANK is set")
-    local_world = _int(environ, "LOCAL_WORLD_SIZE")
-    local_rank = _int(environ, "LOCAL_RANK")
+    local_world = env_int(environ, "LOCAL_WORLD_SIZE")
+    local_rank = env_int(environ, "LOCAL_RANK")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     if local_rank is None or local_world is None:  # hand-set RANK/WORLD_SIZE: one node
-        local_rank, local_world = rank, world
-    nodes = _int(environ, "GROUP_WORLD_SIZE") or math.ceil(world / local_world)
+        local_rank, local_world, names = rank, world, ("RANK", "WORLD_SIZE", "RANK", "WORLD_SIZE")
+    _check_place("torchrun-style variables", *zip(names, (rank, world, local_rank, local_world)))
+    nodes = env_int(environ, "GROUP_WORLD_SIZE") or math.ceil(world / local_world)
     return Placement(
         source="torchrun" if "TORCHELASTIC_RUN_ID" in environ else "env",
         rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-        node_rank=_int(environ, "GROUP_RANK") if "GROUP_RANK" in environ else rank // local_world,
-        num_nodes=nodes, master_addr=environ.get("MASTER_ADDR") or None, master_port=_int(environ, "MASTER_PORT"),
+        node_rank=env_int(environ, "GROUP_RANK") if "GROUP_RANK" in environ else rank // local_world,
+        num_nodes=nodes, master_addr=environ.get("MASTER_ADDR") or None, master_port=env_int(environ, "MASTER_PORT"),
     )
 
 
@@ -223,7 +283,7 @@ def _refuse_nested_torchrun(environ: Mapping[str, str], mpi) -> None:
     if _slurm_step(environ) and _slurm_tasks_here(environ) > 1:
         outer = (f"srun started {_slurm_tasks_here(environ)} tasks on this node "
                  f"(SLURM_STEP_TASKS_PER_NODE={environ.get('SLURM_STEP_TASKS_PER_NODE')})")
-    elif mpi and mpi[4] and (_int(environ, mpi[4]) or 1) > 1:
+    elif mpi and mpi[4] and (env_int(environ, mpi[4]) or 1) > 1:
         outer = f"{mpi[0]} started {environ[mpi[4]]} processes on this node ({mpi[4]})"
     else:
         return
@@ -254,7 +314,7 @@ def detect_process(
         return _from_mpi(environ, mpi, mpi_world)
     if _slurm_step(environ):
         return _from_slurm(environ, resolve)
-    return Placement("single", 0, 1, 0, 1, 0, 1, environ.get("MASTER_ADDR") or None, _int(environ, "MASTER_PORT"))
+    return Placement("single", 0, 1, 0, 1, 0, 1, environ.get("MASTER_ADDR") or None, env_int(environ, "MASTER_PORT"))
 
 
 @dataclass(frozen=True)
@@ -282,7 +342,7 @@ def detect_site(
             "launcher multiplies the processes. Run the script directly in the worker instead.")
     mpi = _mpi_family(environ)
     if mpi and not _srun_started_ranks(environ, mpi):
-        size = _int(environ, mpi[2]) if mpi[2] else None
+        size = env_int(environ, mpi[2]) if mpi[2] else None
         if size != 1:
             raise LauncherError(
                 f"dualflow launch runs under {mpi[0]} ({mpi[1]} is set), which already starts one process "
@@ -291,7 +351,7 @@ def detect_site(
                 "`dualflow launch --nnodes N --rdzv-endpoint HOST:PORT` per node without mpirun.")
     if _slurm_step(environ):
         return _slurm_site(environ, nnodes, rdzv_endpoint, resolve)
-    alloc_nodes = _int(environ, "SLURM_JOB_NUM_NODES") or _int(environ, "SLURM_NNODES") or 1
+    alloc_nodes = env_int(environ, "SLURM_JOB_NUM_NODES") or env_int(environ, "SLURM_NNODES") or 1
     if "SLURM_JOB_ID" in environ and alloc_nodes > 1 and rdzv_endpoint is None:
         raise LauncherError(
             f"this is a {alloc_nodes}-node SLURM allocation (job {environ['SLURM_JOB_ID']}), but dualflow launch "
@@ -304,7 +364,7 @@ def detect_site(
             "can reach); without it each node would rendezvous with itself.")
     if rdzv_endpoint is None:
         return Site("plain", 1, 0, None, "standalone", "plain machine, one node (standalone rendezvous)")
-    return Site("plain", n, 0, rdzv_endpoint, environ.get("DUALFLOW_RDZV_ID", "dualflow"),
+    return Site("plain", n, 0, rdzv_endpoint, environ.get("DUALFLOW_RDZV_ID") or "dualflow",
                 f"plain machine, {n} node(s), c10d rendezvous at {rdzv_endpoint}")
 
 
@@ -318,7 +378,7 @@ def _slurm_site(environ: Mapping[str, str], nnodes: int | None, rdzv_endpoint: s
             "`srun --ntasks-per-node=1 dualflow launch ...` (torchrun starts one process per GPU), or drop "
             "dualflow launch: `srun --ntasks-per-node=<gpus> python script.py` with init_distributed.")
     nodes = _slurm_nodes(environ, resolve)
-    step_nodes = _int(environ, "SLURM_STEP_NUM_NODES") or len(nodes)
+    step_nodes = env_int(environ, "SLURM_STEP_NUM_NODES") or len(nodes)
     if len(nodes) != step_nodes:
         raise LauncherError(f"SLURM_STEP_NUM_NODES={step_nodes} but the step's nodelist names {len(nodes)} hosts "
                             f"({', '.join(nodes[:4])}...)")
@@ -327,9 +387,9 @@ def _slurm_site(environ: Mapping[str, str], nnodes: int | None, rdzv_endpoint: s
                             "drop --nnodes under srun (it is read from SLURM) or change srun's --nodes")
     endpoint = rdzv_endpoint or f"{nodes[0]}:{slurm_port(environ)}"
     job = f"{environ.get('SLURM_JOB_ID', '0')}.{environ.get('SLURM_STEP_ID', '0')}"
-    return Site("slurm", step_nodes, _int(environ, "SLURM_NODEID") or 0, endpoint, f"slurm-{job}",
+    return Site("slurm", step_nodes, env_int(environ, "SLURM_NODEID") or 0, endpoint, f"slurm-{job}",
                 f"SLURM job {job}, one task per node: {step_nodes} node(s), this is node "
-                f"{_int(environ, 'SLURM_NODEID') or 0}, c10d rendezvous at {endpoint}")
+                f"{env_int(environ, 'SLURM_NODEID') or 0}, c10d rendezvous at {endpoint}")
 
 
 def recommended_env(environ: Mapping[str, str], log_dir: str | None = None) -> tuple[dict[str, str], list[str]]:
@@ -345,6 +405,6 @@ def recommended_env(environ: Mapping[str, str], log_dir: str | None = None) -> t
             add[names[0]] = value
         elif environ[user] != value:
             differs.append(f"{user}={environ[user]} (recommended {value})")
-    if log_dir is not None and not any(n in environ for n in _DUMP_FILE):
+    if log_dir and not any(n in environ for n in _DUMP_FILE):  # an empty DUALFLOW_LOG_DIR is no folder
         add[_DUMP_FILE[0]] = f"{log_dir.rstrip('/')}/nccl_trace_rank_"
     return add, differs

@@ -61,6 +61,14 @@ def _nproc(value: str | int) -> tuple[int, str]:
     return n, "auto: no GPU visible, gloo workers on the CPU"
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """``HOST`` or ``HOST:PORT`` with a port from 1 to 65535 (torchrun's default port when there is none)."""
+    host, sep, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", "")
+    if not host.strip() or (sep and not (port.isdigit() and 1 <= int(port) <= 65535)):
+        raise LauncherError(f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT (an address of the first node and a "
+                            "port from 1 to 65535, e.g. node0:29400)")
+
+
 def _default_log_dir(site: Site) -> Path:
     if site.kind == "slurm":
         name = site.rdzv_id  # the same on every node, so a shared file system gathers one folder
@@ -88,6 +96,8 @@ def plan_launch(
         raise LauncherError(f"--max-restarts must be >= 0, got {max_restarts}")
     if nnodes is not None and nnodes < 1:
         raise LauncherError(f"--nnodes must be >= 1, got {nnodes}")
+    if rdzv_endpoint is not None:
+        _check_endpoint(rdzv_endpoint)
     site = detect_site(environ, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     nproc, reason = _nproc(nproc_per_node)
     logs = Path(log_dir) if log_dir is not None else _default_log_dir(site)

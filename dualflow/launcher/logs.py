@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std
 
+from dualflow.launcher.env import env_int
+
 
 class RankLogsSpecs(DefaultLogsSpecs):
     """Every rank to ``log_dir/rank-N.log``; global rank 0 also to the console (torchrun's tee)."""
@@ -34,7 +36,7 @@ class RankLogsSpecs(DefaultLogsSpecs):
         for local_rank, env in envs.items():
             rank = env["RANK"]
             path = self._rank_dir / f"rank-{rank}.log"
-            attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            attempt = env_int(env, "TORCHELASTIC_RESTART_COUNT") or 0
             if attempt > 0:
                 # On a shared file system another node may have moved it first (ranks can change hosts).
                 with contextlib.suppress(FileNotFoundError):

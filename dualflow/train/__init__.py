@@ -11,7 +11,7 @@ from dualflow.train.data import BatchLoader, DataConfig, load_streams, validatio
 from dualflow.train.exchange import Exchange, LocalExchange, Received
 from dualflow.train.model import ModelConfig, Stage, cross_entropy
 from dualflow.train.optim import AdamW, OptimConfig, learning_rate
-from dualflow.train.parallel import ParallelConfig, Topology
+from dualflow.train.parallel import ParallelConfig, ParallelLayout
 from dualflow.train.partition import balanced_partition, rank_stages, stage_costs
 from dualflow.train.stage import OverlappedStage, PipelineStage
 from dualflow.train.trainer import Summary, Trainer, TrainingDiverged
@@ -29,12 +29,12 @@ __all__ = [
     "OptimConfig",
     "OverlappedStage",
     "ParallelConfig",
+    "ParallelLayout",
     "PipelineStage",
     "Received",
     "RunConfig",
     "Stage",
     "Summary",
-    "Topology",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",

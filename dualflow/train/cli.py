@@ -1,7 +1,8 @@
 """``dualflow train CONFIG.toml [--resume] [--section.key=value ...]``: the training job.
 
-One process trains a config whose ``parallel.pp * parallel.dp`` is 1; more processes come from the
-launcher, which every rank then joins through ``init_distributed``:
+A config file is required (an empty one trains the defaults). One process trains a config whose
+``parallel.pp * parallel.dp`` is 1; more processes come from the launcher, which every rank then joins
+through ``init_distributed``:
 
     dualflow launch --nproc-per-node 4 -- -m dualflow train configs/tiny_moe.toml
 
@@ -16,26 +17,29 @@ import sys
 from pathlib import Path
 
 from dualflow.launcher.config import ConfigError, add_config_arguments, config_from_args, log_config
+from dualflow.launcher.env import LauncherError, env_int, launched
 
-_LAUNCHED = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS")
+
+def example_configs() -> Path | None:
+    """The folder of the example configs: shipped in the package, or the checkout's ``configs/``."""
+    here = Path(__file__).resolve().parents[1]
+    return next((d for d in (here / "configs", here.parent / "configs") if d.is_dir()), None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dualflow.train.config import TrainConfig
 
+    examples = example_configs()
     parser.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG.toml",
-                        help="the job's configuration (configs/tiny_moe.toml is the CPU demo)")
+                        help="the job's configuration, required (here or as --config); keys it leaves out keep "
+                             "their defaults, so an empty file trains the defaults. Examples: "
+                             f"{examples or 'configs/'} (tiny_moe.toml is the CPU demo)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in the run directory, if there is one")
     start.add_argument("--fresh", action="store_true",
                        help="start at step 0 even if the run directory holds checkpoints (they are deleted)")
     add_config_arguments(parser, TrainConfig)
-
-
-def _launched() -> bool:
-    return any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCHED if v != "PMIX_RANK") or \
-        "PMIX_RANK" in os.environ
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,25 +54,37 @@ def run(args: argparse.Namespace) -> int:
             print("dualflow train: give the config once (positional or --config)", file=sys.stderr)
             return 2
         args.config = args.config_file
+    if args.config is None:
+        examples = example_configs()
+        print("dualflow train: no config given; expected `dualflow train CONFIG.toml` (an empty file trains the "
+              f"defaults), e.g. {examples / 'tiny_moe.toml' if examples else 'configs/tiny_moe.toml'}", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(TrainConfig, args)
-    except ConfigError as exc:
+        # every variable read below, checked before anything starts
+        is_launched = launched(os.environ)
+        restarted = (env_int(os.environ, "TORCHELASTIC_RESTART_COUNT") or 0) > 0
+    except (ConfigError, LauncherError) as exc:
         print(f"dualflow train: {exc}", file=sys.stderr)
         return 2
     world = cfg.parallel.world
-    if world > 1 and not _launched():
+    if world > 1 and not is_launched:
         cmd = f"dualflow launch --nproc-per-node {world} -- -m dualflow train {args.config or ''}".rstrip()
         print(f"dualflow train: this config needs {world} processes (parallel.pp={cfg.parallel.pp} x "
               f"parallel.dp={cfg.parallel.dp}); start it with:\n  {cmd}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if _launched():
+    if is_launched:
         from dualflow.launcher import init_distributed
 
-        device = init_distributed().device
+        try:
+            device = init_distributed().device
+        except LauncherError as exc:
+            print(f"dualflow train: {exc}", file=sys.stderr)
+            return 2
     log_config(cfg, cfg.train.run_dir)
     # A worker group restarted by the launcher continues from its last checkpoint.
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    resume = args.resume or restarted
     try:
         summary = Trainer(cfg, device).train(resume=resume, fresh=args.fresh and not resume)
     except (FileExistsError, UnsafeCheckpointError, CheckpointSaveError) as exc:

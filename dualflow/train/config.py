@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
 from dualflow.train.data import DataConfig
 from dualflow.train.model import ModelConfig
 from dualflow.train.optim import OptimConfig
@@ -34,13 +35,11 @@ class RunConfig:
     cuda_graph: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cuda_graph not in ("auto", "on", "off"):
-            raise ValueError(f"train.cuda_graph={self.cuda_graph!r}: expected 'auto', 'on' or 'off'")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype={self.dtype!r}: expected one of {DTYPES} (FP8 is train.fp8 = true)")
-        for name in ("steps", "global_batch", "log_every", "val_every", "val_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        check_fields(self, "train", steps=Range(ge=1), global_batch=Range(ge=1), seed=Range(ge=0, lt=2**63),
+                     dtype=OneOf(*DTYPES), log_every=Range(ge=1), val_every=Range(ge=1), val_batches=Range(ge=1),
+                     profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"))
+        if not self.run_dir.strip():
+            raise ConfigError(["train.run_dir: expected a folder for the run's files, got ''"], "invalid train config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +52,7 @@ class CheckpointConfig:
     enabled: bool = True  # false: no checkpoint at all, not even the final one (benchmarks)
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.keep < 1:
-            raise ValueError(f"checkpoint.every={self.every} must be >= 0 (0 = only at the end) and "
-                             f"checkpoint.keep={self.keep} >= 1")
+        check_fields(self, "checkpoint", every=Range(ge=0, note="0: only at the end"), keep=Range(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +65,19 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        local, chunks = self.train.global_batch / self.parallel.dp, self.parallel.microbatches
+        m, par, run, problems = self.model, self.parallel, self.train, []
+        local, chunks = run.global_batch / par.dp, par.microbatches
         if local != int(local) or int(local) % chunks:
-            raise ValueError(f"train.global_batch={self.train.global_batch} must split into parallel.dp="
-                             f"{self.parallel.dp} ranks x parallel.microbatches={chunks} equal micro-batches")
-        if self.model.n_routed_experts % self.parallel.dp and self.model.n_dense_layers < self.model.n_layers:
-            raise ValueError(f"model.n_routed_experts={self.model.n_routed_experts} must be a multiple of the "
-                             f"expert-parallel size parallel.dp={self.parallel.dp}")
-        if self.train.fp8 and self.model.dim % 128 and self.parallel.dp > 1 and self.train.fp8_dispatch:
-            raise ValueError(f"FP8 dispatch needs model.dim a multiple of 128 (got {self.model.dim}); "
-                             "set train.fp8_dispatch = false or change the width")
-        if self.model.tie_embeddings and self.parallel.pp > 1 and self.parallel.schedule in ("1f1b", "zb1p"):
-            raise ValueError("model.tie_embeddings needs the embedding and the head on one rank; with "
-                             f"{self.parallel.schedule} they are on the first and last pipeline rank: use "
-                             "dualpipev or dualpipe, or untie them")
+            problems.append(f"train.global_batch={run.global_batch} must split into parallel.dp={par.dp} ranks x "
+                            f"parallel.microbatches={chunks} equal micro-batches")
+        if m.n_routed_experts % par.dp and m.n_dense_layers < m.n_layers:
+            problems.append(f"model.n_routed_experts={m.n_routed_experts} must be a multiple of the expert-parallel "
+                            f"size parallel.dp={par.dp}")
+        if run.fp8 and m.dim % 128 and par.dp > 1 and run.fp8_dispatch:
+            problems.append(f"FP8 dispatch needs model.dim a multiple of 128 (got {m.dim}); set "
+                            "train.fp8_dispatch = false or change the width")
+        if m.tie_embeddings and par.pp > 1 and par.schedule in ("1f1b", "zb1p"):
+            problems.append(f"model.tie_embeddings needs the embedding and the head on one rank; with {par.schedule} "
+                            "they are on the first and last pipeline rank: use dualpipev or dualpipe, or untie them")
+        if problems:
+            raise ConfigError(problems, "invalid training config")

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -38,16 +40,14 @@ class DataConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.source not in ("stdlib", "text", "binary"):
-            raise ValueError(f"data.source={self.source!r}: expected 'stdlib', 'text' or 'binary'")
+        check_fields(self, "data", source=OneOf("stdlib", "text", "binary"), max_bytes=Range(ge=1),
+                     val_fraction=Range(gt=0, lt=1), seq_len=Range(ge=1), seed=Range(ge=0, lt=2**63))
         if self.source != "stdlib" and not self.paths:
-            raise ValueError(f"data.source={self.source!r} needs data.paths (files or glob patterns)")
+            raise ConfigError([f"data.paths: data.source={self.source!r} needs files or glob patterns, got none"],
+                              "invalid data config")
         if self.source == "binary" and len(self.paths) != 1:
-            raise ValueError(f"data.source='binary' reads one file; got {len(self.paths)} paths")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must lie in (0, 1)")
-        if self.seq_len < 1 or self.max_bytes < 1:
-            raise ValueError(f"data.seq_len={self.seq_len} and data.max_bytes={self.max_bytes} must be >= 1")
+            raise ConfigError([f"data.paths: data.source='binary' reads one file, got {len(self.paths)} paths"],
+                              "invalid data config")
 
 
 @dataclasses.dataclass(frozen=True)

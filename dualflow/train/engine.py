@@ -6,7 +6,7 @@ parameters and returns ``(sum of micro-batch losses, number of micro-batches)`` 
 are this data-parallel rank's share of the global batch.
 
 - :class:`LocalEngine`: no pipeline (``pp == 1``): the micro-batches one after the other.
-- :class:`PipelineEngine` (``dualflow.train.pipeline``): the schedules of ``dualflow.dualpipe``.
+- :class:`PipelinedEngine` (``dualflow.train.pipeline``): the schedules of ``dualflow.dualpipe``.
 """
 
 from __future__ import annotations

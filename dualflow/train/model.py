@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
 from dualflow.train.exchange import Exchange, LocalExchange
 from dualflow.train.experts import GroupedExperts, per_expert_views
 
@@ -81,28 +82,25 @@ class ModelConfig:
     v_head_dim: int = 16
 
     def __post_init__(self) -> None:
+        check_fields(self, "model", vocab_size=Range(ge=1), dim=Range(ge=1), n_layers=Range(ge=1),
+                     n_dense_layers=Range(ge=0), n_heads=Range(ge=1), dense_hidden=Range(ge=1),
+                     expert_hidden=Range(ge=1), n_routed_experts=Range(ge=1), n_shared_experts=Range(ge=0),
+                     top_k=Range(ge=1), routed_scale=Range(gt=0), bias_update_speed=Range(ge=0, note="0: fixed biases"),
+                     rope_theta=Range(gt=0), norm_eps=Range(gt=0), init_std=Range(gt=0), attention=OneOf("mha", "mla"),
+                     q_lora_rank=Range(ge=0, note="0: no query latent"), kv_lora_rank=Range(ge=1),
+                     qk_nope_head_dim=Range(ge=1), qk_rope_head_dim=Range(ge=2), v_head_dim=Range(ge=1))
         problems = []
-        if self.attention not in ("mha", "mla"):
-            problems.append(f"attention={self.attention!r} must be 'mha' or 'mla'")
         if self.attention == "mha" and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
-            problems.append(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
-        if self.attention == "mla":
-            if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
-                problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2")
-            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-                if getattr(self, name) < 1:
-                    problems.append(f"{name}={getattr(self, name)} must be >= 1")
-            if self.q_lora_rank < 0:
-                problems.append(f"q_lora_rank={self.q_lora_rank} must be >= 0 (0: no query latent)")
-        if not 0 <= self.n_dense_layers <= self.n_layers:
-            problems.append(f"n_dense_layers={self.n_dense_layers} must lie in [0, n_layers={self.n_layers}]")
-        if self.n_dense_layers < self.n_layers and not 1 <= self.top_k <= self.n_routed_experts:
-            problems.append(f"top_k={self.top_k} must lie in [1, n_routed_experts={self.n_routed_experts}]")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "dense_hidden", "expert_hidden"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+            problems.append(f"model.dim={self.dim} must split into model.n_heads={self.n_heads} heads of even size")
+        if self.attention == "mla" and self.qk_rope_head_dim % 2:
+            problems.append(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        if self.n_dense_layers > self.n_layers:
+            problems.append(f"model.n_dense_layers={self.n_dense_layers} must not exceed "
+                            f"model.n_layers={self.n_layers}")
+        if self.n_dense_layers < self.n_layers and self.top_k > self.n_routed_experts:
+            problems.append(f"model.top_k={self.top_k} must not exceed model.n_routed_experts={self.n_routed_experts}")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise ConfigError(problems, "invalid model config")
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.n_dense_layers

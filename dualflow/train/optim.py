@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import torch
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -22,12 +24,12 @@ class OptimConfig:
     moments_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.moments_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"optim.moments_dtype={self.moments_dtype!r}: expected 'float32' or 'bfloat16'")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0 (grad_clip 0 = off)")
+        check_fields(self, "optim", lr=Range(gt=0), min_lr=Range(ge=0), warmup_steps=Range(ge=0),
+                     weight_decay=Range(ge=0), beta1=Range(ge=0, lt=1), beta2=Range(ge=0, lt=1), eps=Range(gt=0),
+                     grad_clip=Range(ge=0, note="0: no clipping"), moments_dtype=OneOf("float32", "bfloat16"))
+        if self.min_lr > self.lr:
+            raise ConfigError([f"optim.min_lr={self.min_lr} must not exceed optim.lr={self.lr}"],
+                              "invalid optim config")
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:

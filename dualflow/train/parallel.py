@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
 from dualflow.train.partition import SCHEDULES
 
 
@@ -36,22 +37,21 @@ class ParallelConfig:
     comm_checks: str = "first"
 
     def __post_init__(self) -> None:
-        if self.pp < 1 or self.dp < 1:
-            raise ValueError(f"parallel.pp={self.pp} and parallel.dp={self.dp} must be >= 1")
-        if self.comm_checks not in ("collective", "first", "local"):
-            raise ValueError(f"parallel.comm_checks={self.comm_checks!r}: choose one of collective, first, local")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"parallel.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_fields(self, "parallel", pp=Range(ge=1), dp=Range(ge=1), schedule=OneOf(*SCHEDULES),
+                     microbatches=Range(ge=1), comm_checks=OneOf("collective", "first", "local"))
+        problems = []
         if self.schedule == "dualpipe" and self.pp % 2:
-            raise ValueError(f"parallel.schedule='dualpipe' needs an even number of pipeline ranks, got pp={self.pp}"
-                             "; use 'dualpipev' for any number")
+            problems.append(f"parallel.schedule='dualpipe' needs an even number of pipeline ranks, got parallel.pp="
+                            f"{self.pp}; use 'dualpipev' for any number")
         minimum = {"dualpipev": 2 * self.pp, "dualpipe": 2 * self.pp}.get(self.schedule, self.pp)
         if self.pp > 1 and self.microbatches < minimum:
-            raise ValueError(f"parallel.microbatches={self.microbatches}: {self.schedule} on {self.pp} pipeline "
-                             f"ranks needs at least {minimum}")
+            problems.append(f"parallel.microbatches={self.microbatches}: {self.schedule} on parallel.pp={self.pp} "
+                            f"pipeline ranks needs at least {minimum}")
         if self.schedule == "dualpipe" and self.pp > 1 and self.microbatches % 2:
-            raise ValueError(f"parallel.microbatches={self.microbatches}: dualpipe splits the micro-batches between "
-                             "its two ends and needs an even number")
+            problems.append(f"parallel.microbatches={self.microbatches}: dualpipe splits the micro-batches between "
+                            "its two ends and needs an even number")
+        if problems:
+            raise ConfigError(problems, "invalid parallel config")
 
     @property
     def world(self) -> int:
@@ -59,7 +59,7 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
-class Topology:
+class ParallelLayout:
     """This process's coordinates and the groups it belongs to (``None`` groups when world is 1)."""
 
     cfg: ParallelConfig
@@ -71,7 +71,7 @@ class Topology:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def build(cls, cfg: ParallelConfig, device: torch.device | None = None) -> Topology:
+    def build(cls, cfg: ParallelConfig, device: torch.device | None = None) -> ParallelLayout:
         """Create the groups (collective: every rank calls it, in the same order)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != cfg.world:
@@ -120,17 +120,17 @@ def _flat_all_reduce(tensors: list[torch.Tensor], group: dist.ProcessGroup | Non
 
 
 @torch.no_grad()
-def reduce_gradients(params: dict[str, nn.Parameter], topo: Topology) -> None:
+def reduce_gradients(params: dict[str, nn.Parameter], layout: ParallelLayout) -> None:
     """Sum non-expert gradients over the data-parallel group, one flat all-reduce per dtype."""
-    if topo.cfg.dp == 1:
+    if layout.cfg.dp == 1:
         return
     grads = [p.grad for n, p in sorted(params.items()) if not is_expert(n) and p.grad is not None]
     for dtype in sorted({g.dtype for g in grads}, key=str):
-        _flat_all_reduce([g for g in grads if g.dtype == dtype], topo.dp_group)
+        _flat_all_reduce([g for g in grads if g.dtype == dtype], layout.dp_group)
 
 
 @torch.no_grad()
-def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], topo: Topology,
+def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], layout: ParallelLayout,
                    max_norm: float) -> float:
     """Scale all gradients so that the global norm is at most ``max_norm`` (0 = no clipping); return the norm.
 
@@ -140,10 +140,10 @@ def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], topo
     """
     counted = set(counted)
     mine = [p.grad.detach() for name, p in sorted(params.items())
-            if p.grad is not None and name in counted and (is_expert(name) or topo.dp_rank == 0)]
+            if p.grad is not None and name in counted and (is_expert(name) or layout.dp_rank == 0)]
     # one multi-tensor norm kernel (FP32 per tensor, squares summed in FP64), one read of the host value
     sq = torch.stack(torch._foreach_norm(mine)).double().pow(2).sum() if mine else torch.zeros((), dtype=torch.float64)
-    norm = topo.all_reduce([float(sq)])[0] ** 0.5
+    norm = layout.all_reduce([float(sq)])[0] ** 0.5
     if max_norm > 0 and norm > max_norm:
         grads = [p.grad for p in params.values() if p.grad is not None]
         if grads:
@@ -165,10 +165,10 @@ def zero1_owners(params: dict[str, nn.Parameter], dp: int) -> dict[str, int]:
 
 
 @torch.no_grad()
-def broadcast_owned(params: dict[str, nn.Parameter], owners: dict[str, int], topo: Topology) -> None:
+def broadcast_owned(params: dict[str, nn.Parameter], owners: dict[str, int], layout: ParallelLayout) -> None:
     """After a ZeRO-1 step: every non-expert parameter from its owner to the rest of the group."""
-    if topo.cfg.dp == 1:
+    if layout.cfg.dp == 1:
         return
-    ranks = dist.get_process_group_ranks(topo.dp_group)
+    ranks = dist.get_process_group_ranks(layout.dp_group)
     for name in sorted(owners):
-        dist.broadcast(params[name].data, src=ranks[owners[name]], group=topo.dp_group)
+        dist.broadcast(params[name].data, src=ranks[owners[name]], group=layout.dp_group)

@@ -13,31 +13,31 @@ import torch
 from dualflow.dualpipe import DualPipe, DualPipeV
 from dualflow.dualpipe import PipelineEngine as Runtime
 from dualflow.train.model import Stage, cross_entropy
-from dualflow.train.parallel import ParallelConfig, Topology
+from dualflow.train.parallel import ParallelConfig, ParallelLayout
 from dualflow.train.stage import OverlappedStage, PipelineStage
 
 
-class PipelineEngine:
+class PipelinedEngine:
     """Runs one global step's micro-batches through the pipeline runtime (see engine.py for the contract)."""
 
-    def __init__(self, stages: list[Stage], topo: Topology, cfg: ParallelConfig, loss_scale: float) -> None:
+    def __init__(self, stages: list[Stage], layout: ParallelLayout, cfg: ParallelConfig, loss_scale: float) -> None:
         wrap = OverlappedStage if cfg.overlap else PipelineStage
         self.modules = [wrap(s) for s in stages]
-        if cfg.overlap and topo.device.type == "cuda":
-            stream = torch.cuda.Stream(topo.device)
+        if cfg.overlap and layout.device.type == "cuda":
+            stream = torch.cuda.Stream(layout.device)
             for m in self.modules:
                 m.comm_stream = stream
-        self.cfg, self.topo, self.scale = cfg, topo, loss_scale
+        self.cfg, self.layout, self.scale = cfg, layout, loss_scale
         if cfg.schedule == "dualpipev":
-            self.runtime: Runtime = DualPipeV(tuple(self.modules), process_group=topo.pp_group)
+            self.runtime: Runtime = DualPipeV(tuple(self.modules), process_group=layout.pp_group)
         elif cfg.schedule == "dualpipe":  # the runtime sums the gradients of the two copies of each stage
-            self.runtime = DualPipe(tuple(self.modules), process_group=topo.pp_group)
+            self.runtime = DualPipe(tuple(self.modules), process_group=layout.pp_group)
         else:
-            self.runtime = Runtime(self.modules, cfg.schedule, process_group=topo.pp_group)
+            self.runtime = Runtime(self.modules, cfg.schedule, process_group=layout.pp_group)
 
     def _feeds(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[tuple, tuple]:
         """(inputs, labels) this pipeline rank passes to ``step`` (the runtime ignores what it does not need)."""
-        r, last = self.topo.pp_rank, self.cfg.pp - 1
+        r, last = self.layout.pp_rank, self.cfg.pp - 1
         if self.cfg.schedule == "dualpipe":
             half = inputs.shape[0] // 2
             if r == 0:

@@ -29,7 +29,14 @@ from dualflow.train.experts import GroupedExperts, per_expert_views
 from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
 from dualflow.train.model import Stage
 from dualflow.train.optim import AdamW, learning_rate
-from dualflow.train.parallel import Topology, broadcast_owned, clip_gradients, is_expert, reduce_gradients, zero1_owners
+from dualflow.train.parallel import (
+    ParallelLayout,
+    broadcast_owned,
+    clip_gradients,
+    is_expert,
+    reduce_gradients,
+    zero1_owners,
+)
 from dualflow.train.partition import balanced_partition, num_stages, rank_stages, stage_costs
 from dualflow.train.profile import profiled
 
@@ -49,7 +56,7 @@ class Summary:
     checkpoint: Path | None
 
 
-def build_stages(cfg: TrainConfig, topo: Topology) -> list[Stage]:
+def build_stages(cfg: TrainConfig, topo: ParallelLayout) -> list[Stage]:
     """This rank's stage modules, in the order the pipeline runtime expects them, initialised."""
     par, m = cfg.parallel, cfg.model
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
@@ -84,7 +91,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device | None = None, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
-        self.topo = topo = Topology.build(cfg.parallel, self.device)
+        self.topo = topo = ParallelLayout.build(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed + topo.rank)
         run, par = cfg.train, cfg.parallel
         self.run_dir = Path(run.run_dir)
@@ -151,9 +158,9 @@ class Trainer:
             if self.cfg.train.cuda_graph == "on":
                 raise ValueError(f"train.cuda_graph = 'on', but the step cannot be a CUDA graph: {why_not}")
             return local
-        from dualflow.train.pipeline import PipelineEngine
+        from dualflow.train.pipeline import PipelinedEngine
 
-        return PipelineEngine(self.stages, self.topo, par, scale)
+        return PipelinedEngine(self.stages, self.topo, par, scale)
 
     def _why_no_graph(self) -> str | None:
         par = self.cfg.parallel

@@ -1,4 +1,8 @@
-"""``dualflow bench NAME [ARGS...]``: run ``benchmarks/NAME.py`` of this checkout with its own arguments."""
+"""``dualflow bench NAME [ARGS...]``: run the benchmark script ``NAME.py`` with its own arguments.
+
+The scripts are ``benchmarks/`` of the source tree; an installed package carries them as
+``dualflow/benchmarks/`` (pyproject.toml's ``wheel.force-include``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# installed: inside the package; a checkout (editable install included): beside it
+BENCH_DIR = next((d for d in (_PACKAGE / "benchmarks", _PACKAGE.parent / "benchmarks") if d.is_dir()),
+                 _PACKAGE / "benchmarks")
 
 
 def available() -> list[str]:

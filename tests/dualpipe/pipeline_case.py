@@ -109,6 +109,23 @@ class ViewBlock(Block):
         return x.view(x.shape)
 
 
+class ShapeShiftBlock(Block):
+    """Invalid: from its second call on (micro-batch 1 of the first step) returns a longer sequence."""
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
+        self.calls = getattr(self, "calls", 0) + 1
+        h = super().forward(x, *extra)
+        return torch.cat([h, h[:, :1]], 1) if self.calls > 1 else h
+
+
+class BadGradBlock(Block):
+    """Invalid: its input-gradient hook returns the gradient of the first position only."""
+
+    @classmethod
+    def split_backward(cls, module, roots, grads, inputs):
+        return [g[:, :1].clone() for g in backward_full(roots, grads, inputs)], lambda: None
+
+
 BLOCKS = {"block": Block, "overlap": OverlapBlock, "expert": ExpertBlock, "split_hook": SplitHookBlock,
           "view": ViewBlock}
 
@@ -396,4 +413,30 @@ def invalid_use(rank: int, world: int) -> dict:
     n = 6 if rank != 1 else 8
     _expect(out, "mismatch", PipelineStallError, lambda: pipe.step(x if rank == 0 else None, num_chunks=n,
                                                                    criterion=criterion, labels=(x,)))
+    return out
+
+
+def layout_changes(rank: int, world: int) -> dict:
+    """On 2 ranks, each scenario on its own group: a stage whose second micro-batch has another shape (the
+    sender names it, the receiver stalls), a hook whose input gradients have the wrong shape; after either,
+    both engines refuse another step, and a new engine on a new group trains."""
+    out: dict = {}
+    d, x = 8, torch.randn(8, 3, 8)
+    for name, kind, first in (("shape", "dualpipev", ShapeShiftBlock), ("grad", "zb1p", BadGradBlock)):
+        group = dist.new_group(list(range(world)))
+        stages = [first(d)] if kind == "zb1p" else [first(d), Block(d)]
+        if kind == "zb1p" and rank == 0:
+            stages = [Block(d)]
+        pipe = make_engine(kind, stages, process_group=group, timeout=2)
+        labels = (x,) if rank == (0 if kind == "dualpipev" else world - 1) else ()
+        mine = x if rank == 0 else None
+        fails = ValueError if rank == (0 if name == "shape" else 1) else PipelineStallError
+        _expect(out, name, fails, lambda pipe=pipe, mine=mine, labels=labels: pipe.step(
+            mine, num_chunks=4, criterion=criterion, labels=labels))
+        _expect(out, f"{name}_again", RuntimeError, lambda pipe=pipe, mine=mine, labels=labels: pipe.step(
+            mine, num_chunks=4, criterion=criterion, labels=labels))
+    group = dist.new_group(list(range(world)))
+    pipe = DualPipeV((Block(d), Block(d)), process_group=group, timeout=60)
+    loss, _ = pipe.step(x if rank == 0 else None, num_chunks=4, criterion=criterion, labels=(x,) if rank == 0 else ())
+    out["rebuilt"] = loss is None if rank else bool(torch.isfinite(loss).all())
     return out

@@ -76,3 +76,24 @@ def test_cli_explains_impossible_sizes(capsys):
     assert main(["schedule", "--kind", "1f1b", "--ranks", "4", "--microbatches", "9", "--no-grid"]) == 0
     out = capsys.readouterr().out
     assert "not possible: interleaved" in out and "odd number of micro-batches" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--costs", "F=abc"], "dualflow schedule: --costs 'F=abc': cost 'F=abc': 'abc' is not a finite number >= 0"),
+    (["--costs", "F=1,B=nan"], "--costs 'F=1,B=nan': cost 'B=nan': 'nan' is not a finite number >= 0"),
+    (["--costs", "W=-1"], "--costs 'W=-1': cost 'W=-1': '-1' is not a finite number >= 0"),
+    (["--costs", "X=1"], "--costs 'X=1': cannot parse cost 'X=1'; expected KEY=NUMBER with KEY one of F, B, W"),
+])
+def test_cli_names_the_costs_flag(capsys, args, message):
+    assert main(["schedule", "--no-grid", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--ranks", "--microbatches", "--stages-per-rank"])
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "x"])
+def test_cli_sizes_must_be_positive_integers(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["schedule", "--no-grid", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: expected a positive integer, got {value!r}" in err, err

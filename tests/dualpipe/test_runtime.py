@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from tests.dist import run_workers
 from tests.dualpipe.pipeline_case import (
     check_many,
     expert_parallel_pipelines,
     invalid_use,
+    layout_changes,
     run_many,
     two_pipelines_in_one_process,
 )
@@ -130,3 +132,41 @@ def test_invalid_use_raises_and_stalls_are_reported():
         msg = out["mismatch"]
         assert msg.startswith("PipelineStallError: pipeline step stalled"), msg
         assert re.search(r"at op \d+/\d+ of dualpipev: step \d+ \(\S+\); waiting for B\d+\.\d+ from rank \d", msg)
+
+
+def test_a_micro_batch_of_another_layout_is_named_and_a_stalled_engine_refuses_to_continue():
+    results = run_workers(layout_changes, 2, timeout=TIMEOUT)
+    shape, grad = results[0]["shape"], results[1]["grad"]
+    assert shape.startswith("ValueError: stage 0 (pipeline rank 0) output of micro-batch 1: tensor 0 is (2, 4, 8) "
+                            "float32 requiring grad, expected (2, 3, 8) float32 requiring grad (as micro-batch 0's, "
+                            "announced to pipeline rank 1 for this step)"), shape
+    assert grad.startswith("ValueError: stage 1 (pipeline rank 1) input gradients of micro-batch 0: tensor 0 is "
+                           "(2, 1, 8) float32, expected (2, 3, 8) float32"), grad
+    # the peer waiting for the message reports a stall that names the failure
+    assert results[1]["shape"].startswith("PipelineStallError: pipeline step stalled on rank 1")
+    assert "rank 0: failed: ValueError at op" in results[1]["shape"] and "micro-batch 1" in results[1]["shape"]
+    assert results[0]["grad"].startswith("PipelineStallError: pipeline step stalled on rank 0")
+    for rank, out in enumerate(results):
+        for name in ("shape", "grad"):
+            again = out[f"{name}_again"]
+            assert again.startswith("RuntimeError: this pipeline engine cannot run another step: step 1 "), again
+            assert "Build a new engine on a new process group" in again, again
+        assert out["rebuilt"], f"rank {rank}: a new engine on a new group did not train"
+
+
+@pytest.mark.parametrize("got, message", [
+    ([((2, 3), torch.float64, True)], r"tensor 0 is \(2, 3\) float64 requiring grad, expected \(2, 3\) float32 "
+                                      r"requiring grad \(as the first\)"),
+    ([((2, 3), torch.float32, False)], r"tensor 0 is \(2, 3\) float32, expected \(2, 3\) float32 requiring grad "
+                                       r"\(as the first\)"),
+    ([((2, 3), torch.float32, True), ((2,), torch.int64, False)], r"2 tensors where the first layout has 1"),
+])
+def test_layout_check_names_the_tensor_and_what_differs(got, message):
+    from dualflow.dualpipe.p2p import TensorSpec
+    from dualflow.dualpipe.runtime import _check_layout
+
+    expected = (TensorSpec((2, 3), torch.float32, True),)
+    _check_layout(expected, expected, "m", "the first", "fix")  # equal layouts pass
+    with pytest.raises(ValueError, match=r"^stage 5 output of micro-batch 3: " + message + r"\. fix$"):
+        _check_layout(tuple(TensorSpec(*g) for g in got), expected, "stage 5 output of micro-batch 3", "the first",
+                      "fix")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dualflow.launcher.env import (
+    INT_VARIABLES,
     LauncherError,
     MpiWorld,
     Placement,
     detect_process,
     detect_site,
+    launched,
     recommended_env,
     slurm_port,
 )
@@ -98,8 +102,8 @@ def test_mpich_without_local_variables_asks_the_mpi_library():
     # torchrun started inside a per-GPU srun / mpirun: every task started its own workers.
     ({**slurm_task(5, 1, 1, 8, 2, "4(x2)"), **TORCHRUN}, "ntasks-per-node=1"),
     ({**OPENMPI, **TORCHRUN}, "one process per GPU"),
-    ({"RANK": "4", "WORLD_SIZE": "4"}, "inconsistent placement"),
-    ({"RANK": "x", "WORLD_SIZE": "4"}, "not an integer"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "inconsistent placement .*: RANK=4 is not below WORLD_SIZE=4"),
+    ({"RANK": "x", "WORLD_SIZE": "4"}, r"RANK='x': expected an integer >= 0"),
     ({k: v for k, v in slurm_task(0, 0, 0, 2, 1, "2").items() if k != "SLURM_LOCALID"}, "SLURM_LOCALID"),
     ({**slurm_task(0, 0, 3, 2, 2, "1(x2)")}, "SLURM_NODEID=3"),
 ])
@@ -163,11 +167,80 @@ def test_launch_site_refuses(env, match):
         _site(env)
 
 
+def test_an_empty_rendezvous_id_is_the_default():
+    assert _site({"DUALFLOW_RDZV_ID": ""}, nnodes=2, rdzv_endpoint="n0:29400").rdzv_id == "dualflow"
+    assert _site({"DUALFLOW_RDZV_ID": "run7"}, nnodes=2, rdzv_endpoint="n0:29400").rdzv_id == "run7"
+
+
 def test_launch_site_accepts_single_node_allocations_and_single_rank_mpi():
     assert _site({"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1", "SLURM_PROCID": "0"}).rdzv_endpoint is None
     one = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
     assert _site(one).kind == "plain"
+
+
+# ---- malformed variables -----------------------------------------------------------------------------
+
+MPICH = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+MVAPICH = {"MV2_COMM_WORLD_RANK": "5", "MV2_COMM_WORLD_SIZE": "16", "MV2_COMM_WORLD_LOCAL_RANK": "5",
+           "MV2_COMM_WORLD_LOCAL_SIZE": "8"}
+ALLOCATION = {"SLURM_JOB_ID": "5", "SLURM_PROCID": "0"}  # a batch script, outside srun
+# every integer variable: an environment in which it is read, and what reads it
+READERS = {
+    **{v: (TORCHRUN, _process) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                                         "GROUP_WORLD_SIZE", "MASTER_PORT")},
+    **{v: (OPENMPI, _process) for v in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                                        "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_MCA_orte_num_nodes")},
+    **{v: (MVAPICH, _process) for v in MVAPICH},
+    **{v: (MPICH, _process) for v in MPICH},
+    "PMIX_RANK": ({"PMIX_RANK": "2"}, lambda env: _process(env, mpi_world=lambda: MpiWorld(2, 4, 0, 2, 2))),
+    **{v: (slurm_task(5, 1, 1, 8, 2, "4(x2)"), _process) for v in (
+        "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES",
+        "SLURM_JOB_ID", "SLURM_STEP_ID")},
+    **{v: (ALLOCATION, _site) for v in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES")},
+    "SLURM_NTASKS": ({}, launched),
+}
+READ_BY_THE_TRAIN_COMMAND = {"TORCHELASTIC_RESTART_COUNT"}  # tests/train/test_config_keys.py
+
+
+def test_every_integer_variable_is_tested():
+    assert set(READERS) | READ_BY_THE_TRAIN_COMMAND == set(INT_VARIABLES)
+
+
+@pytest.mark.parametrize("value", ["", "abc", "-1", "2.5"])
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_a_malformed_variable_is_named_with_its_value(name, value):
+    base, read = READERS[name]
+    read(base)  # the well-formed environment is accepted
+    with pytest.raises(LauncherError, match="^" + re.escape(f"{name}={value!r}: expected an integer ")):
+        read({**base, name: value})
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("MASTER_PORT", "0", "from 1 to 65535"), ("MASTER_PORT", "65536", "from 1 to 65535"),
+    ("WORLD_SIZE", "0", ">= 1"), ("SLURM_STEP_NUM_TASKS", "0", ">= 1"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "0", ">= 1"),
+])
+def test_a_variable_out_of_range_is_named(name, value, expected):
+    base, read = READERS[name]
+    with pytest.raises(LauncherError, match=re.escape(f"{name}={value!r}: expected an integer {expected}")):
+        read({**base, name: value})
+
+
+@pytest.mark.parametrize("env, match", [
+    ({**slurm_task(0, 0, 0, 2, 1, "2"), "SLURM_STEP_TASKS_PER_NODE": "2(x"},
+     r"SLURM_STEP_TASKS_PER_NODE='2\(x': bad tasks-per-node entry"),
+    ({**slurm_task(0, 0, 0, 2, 1, "2"), "SLURM_STEP_NODELIST": "gpu[1-"}, r"SLURM_STEP_NODELIST='gpu\[1-': unclosed"),
+    ({**OPENMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "9"}, "OMPI_COMM_WORLD_LOCAL_SIZE=9 exceeds OMPI_COMM_WORLD_SIZE=8"),
+    ({**slurm_task(0, 2, 0, 2, 1, "2")}, r"SLURM_LOCALID=2 is not below the tasks of this node .*=2"),
+])
+def test_inconsistent_or_malformed_lists_name_the_variable(env, match):
+    with pytest.raises(LauncherError, match=match):
+        _process(env)
+
+
+def test_launched_means_one_of_several_processes():
+    assert not launched({}) and not launched({"SLURM_NTASKS": "1", "WORLD_SIZE": "1"})
+    assert launched({"WORLD_SIZE": "2"}) and launched({"PMIX_RANK": "0"}) and launched({"PMI_SIZE": "3"})
 
 
 # ---- recommended settings --------------------------------------------------------------------------
@@ -179,6 +252,8 @@ def test_recommended_env_sets_only_what_is_unset():
     assert differs == []
     add, _ = recommended_env({}, log_dir="/logs/run1/")
     assert add["TORCH_FR_DUMP_TEMP_FILE"] == "/logs/run1/nccl_trace_rank_"
+    add, _ = recommended_env({}, log_dir="")  # DUALFLOW_LOG_DIR set but empty: no folder (not /)
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in add
 
 
 def test_recommended_env_keeps_user_values_and_names_those_that_differ():

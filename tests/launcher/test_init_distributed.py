@@ -113,6 +113,37 @@ def test_refusals_before_any_collective():
     assert err.startswith("ValueError") and "timeout must be positive" in err
 
 
+def _malformed_variables(rank, world, cases):
+    import torch.distributed as dist
+
+    from dualflow.launcher import init_distributed
+
+    out = []
+    for name, value in cases:
+        saved = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            init_distributed(timeout=30)
+            out.append(("no error", dist.is_initialized()))
+        except Exception as exc:
+            out.append((f"{type(exc).__name__}: {exc}", dist.is_initialized()))
+        os.environ[name] = saved
+    return out
+
+
+def test_malformed_variables_are_refused_before_the_process_group_starts():
+    cases = [("WORLD_SIZE", "abc"), ("RANK", "-1"), ("LOCAL_RANK", "2.5"), ("MASTER_PORT", ""),
+             ("MASTER_PORT", "99999"), ("RANK", "3")]  # rank 3 of a world of 1
+    (results,) = run_workers(_malformed_variables, 1, cases, backend=None, timeout=120)
+    for (name, value), (error, started) in zip(cases, results):
+        assert not started, f"{name}={value!r}: the process group started"
+        if name == "RANK" and value == "3":
+            assert error.startswith("LauncherError: inconsistent placement") and "RANK=3 is not below WORLD_SIZE=1" \
+                in error, error
+        else:
+            assert error.startswith(f"LauncherError: {name}={value!r}: expected an integer "), error
+
+
 @pytest.mark.gpu
 def test_binds_one_gpu_per_local_rank_under_dualflow_launch(tmp_path):
     n = torch.cuda.device_count()

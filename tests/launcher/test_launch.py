@@ -84,6 +84,15 @@ def test_dry_run_keeps_user_settings_and_says_so_once(plain_env, capsys, tmp_pat
     ([], {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"}, "already starts one process per GPU"),
     (["--nproc-per-node", "0"], {}, ">= 1"),
     (["--nproc-per-node", "many"], {}, "positive integer or 'auto'"),
+    (["--nproc-per-node", "2.5"], {}, "positive integer or 'auto', got '2.5'"),
+    (["--nnodes", "0"], {}, "--nnodes must be >= 1, got 0"),
+    (["--max-restarts", "-1"], {}, "--max-restarts must be >= 0, got -1"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:port"], {}, "--rdzv-endpoint 'node0:port': expected HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:65536"], {}, "a port from 1 to 65535"),
+    (["--nnodes", "2", "--rdzv-endpoint", ":29400"], {}, "--rdzv-endpoint ':29400': expected HOST:PORT"),
+    # the variables of the environment, named with their value
+    ([], {"SLURM_JOB_ID": "4", "SLURM_JOB_NUM_NODES": "two"}, "SLURM_JOB_NUM_NODES='two': expected an integer >= 1"),
+    ([], {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": ""}, "OMPI_COMM_WORLD_SIZE='': expected an integer"),
 ])
 def test_refusals_exit_2_with_the_reason(plain_env, capsys, flags, env, match):
     for k, v in env.items():
