@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.fp8 import Fp8GroupedLinear, Fp8Linear  # noqa: E402
 from dualflow.utils.timing import Table, time_fns, write_record  # noqa: E402

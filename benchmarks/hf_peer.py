@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.launcher.config import load_config  # noqa: E402
 from dualflow.train.config import TrainConfig  # noqa: E402
