@@ -26,8 +26,8 @@ from torch import nn
 if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualflow.fp8 import Fp8GroupedLinear, Fp8Linear  # noqa: E402
-from dualflow.utils.timing import Table, time_fns, write_record  # noqa: E402
+from dualflow.fp8 import Fp8GroupedLinear, Fp8Linear
+from dualflow.utils.timing import Table, time_fns, write_record
 
 LINEAR = [(4096, 7168, 7168), (8192, 4096, 4096), (16384, 2048, 2048)]
 GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048)]

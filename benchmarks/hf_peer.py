@@ -24,9 +24,9 @@ import torch
 if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualflow.launcher.config import load_config  # noqa: E402
-from dualflow.train.config import TrainConfig  # noqa: E402
-from dualflow.train.data import BatchLoader, load_streams  # noqa: E402
+from dualflow.launcher.config import load_config
+from dualflow.train.config import TrainConfig
+from dualflow.train.data import BatchLoader, load_streams
 
 
 def hf_config(cfg: TrainConfig, experts: str):
