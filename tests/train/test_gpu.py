@@ -123,7 +123,7 @@ def test_one_gpu_step_makes_no_host_synchronisation(tmp_path, fp8):
     loss) under ``set_sync_debug_mode("error")``: any operation that waits for the GPU raises."""
     from dualflow.train.engine import LocalEngine
 
-    cfg = _cfg(tmp_path, train=dict(steps=2, global_batch=8, dtype="bfloat16", fp8=fp8))
+    cfg = _cfg(tmp_path, train=dict(steps=2, global_batch=8, dtype="bfloat16", fp8=fp8, cuda_graph="off"))
     trainer = Trainer(cfg, torch.device("cuda", 0))
     engine = trainer.engine
     assert isinstance(engine, LocalEngine)
