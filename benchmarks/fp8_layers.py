@@ -65,10 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="small shapes, few runs")
+    parser.add_argument("--sweep-wgrad", action="store_true",
+                        help="only time the token-grouped FP8 weight-gradient kernel's configurations against BF16")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_layers: needs a CUDA GPU (the FP8 GEMMs are Hopper kernels)")
     dev = torch.device("cuda")
+    if args.sweep_wgrad:
+        return _sweep_wgrad(dev, 3 if args.smoke else args.repeat)
     repeat = 3 if args.smoke else args.repeat
     linear = [(512, 256, 256)] if args.smoke else LINEAR
     grouped = [(2, 256, 256, 256)] if args.smoke else GROUPED
@@ -100,6 +104,39 @@ def main(argv: list[str] | None = None) -> int:
     table.print()
     if args.json:
         write_record(args.json, "fp8_layers", rows, repeat=repeat)
+    return 0
+
+
+def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
+    """The weight gradient of 64 experts' gate/up projection (2816 x 2048) over 98,304 tokens, 1,536 per expert:
+    the Triton kernel's configurations against torch's BF16 grouped GEMM grouped along the tokens."""
+    from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
+    from dualflow.fp8.quant import quantize_128x1
+
+    experts, n, m, per = 64, 2816, 2048, 1536
+    tokens = experts * per
+    dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(tokens, m, device=dev, dtype=torch.bfloat16)
+    offsets = torch.arange(experts + 1, device=dev, dtype=torch.int32) * per
+    (gt, gs), (xt, xs) = quantize_128x1(dy), quantize_128x1(x)
+    out = torch.empty(experts, n, m, device=dev, dtype=torch.float32)
+    fns = {"bf16 grouped_mm": lambda: torch._grouped_mm(dy.t(), x, offs=offsets[1:])}
+    for bn, bm, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3),
+                                  (256, 128, 8, 3), (64, 128, 4, 4)]:
+        cfg = dict(block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
+        fns[f"fp8 {bn}x{bm} w{warps} s{stages}"] = (lambda c=cfg: kgrouped_wgrad(gt, gs, xt, xs, offsets, out, **c))
+    for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
+        try:
+            fns[name]()
+        except Exception as exc:  # noqa: BLE001
+            print(f"fp8_layers: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            del fns[name]
+    table = Table(["kernel", "ms", "TFLOPS"], title=f"token-grouped weight gradient: {experts} experts, {n}x{m}, "
+                                                   f"{per} tokens each")
+    flops = 2.0 * n * m * tokens
+    for name, t in time_fns(fns, warmup=2, repeat=repeat, device=dev).items():
+        table.add(kernel=name, ms=1e3 * t.median, TFLOPS=flops / t.median / 1e12)
+    table.print()
     return 0
 
 

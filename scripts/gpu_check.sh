@@ -74,7 +74,9 @@ for (mode, test, ranks), (n, ok, bad) in sorted(rows.items()):
 for tool in ("memcheck", "racecheck"):
     log = out / f"comm_shared_{tool}.log"
     if log.exists():
-        errors = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log.read_text())]
+        # memcheck ends each process with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards"
+        errors = [int(a or b) for a, b in re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard",
+                                                     log.read_text())]
         clean = sum(e == 0 for e in errors)
         print(f"{'sanitizer':<13} {tool:<10} {2:>5} {len(errors):>5} {clean:>6}  (processes checked / clean)")
 PY

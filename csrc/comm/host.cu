@@ -187,7 +187,11 @@ int dualflow_comm_free_mapped(uintptr_t host_ptr) {
 int dualflow_comm_ipc_alloc(size_t bytes, uintptr_t* ptr, uint8_t* handle) {
   DF_REQUIRE(ptr != nullptr && handle != nullptr && bytes > 0, "dualflow_comm_ipc_alloc: bad arguments");
   void* dev = nullptr;
-  DF_CUDA(cudaMalloc(&dev, bytes));
+  // Whole 2 MiB pages: an IPC mapping covers the pages of the allocation, so two buffers of one process
+  // sharing a page make a peer that still maps the first (a buffer abandoned after a timeout) fail to
+  // open the second with cudaErrorAlreadyMapped (seen with 4 ranks sharing an H200).
+  constexpr size_t kPage = size_t(2) << 20;
+  DF_CUDA(cudaMalloc(&dev, (bytes + kPage - 1) / kPage * kPage));
   cudaIpcMemHandle_t h;
   const int rc = dualflow::check_cuda(cudaIpcGetMemHandle(&h, dev), "cudaIpcGetMemHandle");
   if (rc != DUALFLOW_OK) {

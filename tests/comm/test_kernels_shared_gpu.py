@@ -92,14 +92,12 @@ def _killed_worker(rank: int, world: int, port: int, out: str) -> None:
         buffer.combine(recv[0], recv[4])
         buffer.synchronize()  # a healthy pair first
         if rank == victim:
-            send = buffer._backend.send
-
-            def send_and_die(*args, **kwargs):
-                launched = send(*args, **kwargs)
+            # killed as it is about to launch, while the others' kernels are already waiting for it: under
+            # MPS a kernel already launched runs on after its process dies (the survivors then finish)
+            def die(*_args, **_kwargs):
                 os.kill(os.getpid(), signal.SIGKILL)
-                return launched
 
-            buffer._backend.send = send_and_die
+            buffer._backend.send = die
         start = time.monotonic()
         try:
             buffer.dispatch(x, idx, None, world)

@@ -44,18 +44,23 @@ def _kgrouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offsets_ptr, N, M,
     tl.store(c_ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
 
 
+CONFIG = dict(block_n=128, block_m=128, num_warps=8, num_stages=3)
+
+
 def kgrouped_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
-                   offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[g] = a[:, block g] @ b[:, block g].T`` in FP32; ``out`` is ``[G, N, M]``."""
+                   offsets: torch.Tensor, out: torch.Tensor, **config) -> torch.Tensor:
+    """``out[g] = a[:, block g] @ b[:, block g].T`` in FP32; ``out`` is ``[G, N, M]``. ``config`` overrides
+    :data:`CONFIG` (tile sizes, warps, pipeline stages; benchmarks/fp8_layers.py --sweep-wgrad times them)."""
+    cfg = {**CONFIG, **config}
     n = a.shape[0]
     m = b.shape[0]
     groups = offsets.numel() - 1
-    block_n, block_m = 128, 128
+    block_n, block_m = cfg["block_n"], cfg["block_m"]
     grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m), groups)
     _kgrouped_kernel[grid](
         a, a_scales, b, b_scales, out, offsets, n, m,
         a.stride(0), a.stride(1), a_scales.stride(0), a_scales.stride(1),
         b.stride(0), b.stride(1), b_scales.stride(0), b_scales.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3)
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
