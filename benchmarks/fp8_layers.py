@@ -128,7 +128,7 @@ def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
     for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
         try:
             fns[name]()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             print(f"fp8_layers: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
             del fns[name]
     table = Table(["kernel", "ms", "TFLOPS"], title=f"token-grouped weight gradient: {experts} experts, {n}x{m}, "
