@@ -107,6 +107,7 @@ def test_leading_dimensions_are_read_in_place():
     wide_a = torch.zeros(256, 1024 + 256, dtype=a.dtype, device="cuda")
     wide_a[:, 128:1152] = a
     got = cl.gemm_fwd(wide_a[:, 128:1152], sa, b, sb)
+    # the same kernel on the same values and shape (only the row stride differs): the same bits
     assert torch.equal(got, cl.gemm_fwd(a, sa, b, sb))
 
 
@@ -139,7 +140,7 @@ def test_wgrad_with_the_engines_128x1_operands(tokens, d_in, d_out):
     assert cl.gemm_wgrad(a, sa, b, sb, out=acc, accumulate=True) is acc
     assert_agrees(acc, start + fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), mag + start.abs())
     poisoned = torch.full((d_out, d_in), float("nan"), device="cuda")
-    assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)
+    assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)  # the same kernel and inputs as `got`
 
 
 def test_wgrad_adversarial_magnitudes():
@@ -232,7 +233,7 @@ def test_cuda_graph_capture_replays_on_new_data():
     for dst, src in zip(inputs, fresh, strict=True):
         dst.copy_(src)
     graph.replay()
-    for got, want in zip(captured, run(*fresh), strict=True):
+    for got, want in zip(captured, run(*fresh), strict=True):  # the same kernels on the same data: same bits
         assert torch.equal(got, want)
 
 

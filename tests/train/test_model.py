@@ -54,6 +54,7 @@ def test_router_selects_with_bias_but_weights_ignore_it():
     x = torch.randn(20, cfg.dim)
     scores = torch.sigmoid(x @ router.weight.T)
     idx, w = router(x)
+    # the router computes the same matmul and sigmoid on the same [20, dim] input: the same bits anywhere
     assert torch.equal(idx, scores.topk(cfg.top_k, -1).indices)
     router.bias[4] = 10.0  # expert 4 always selected, but its weight is its affinity share, not boosted
     idx, w = router(x)
@@ -125,6 +126,8 @@ def test_slices_equal_the_whole_model_bitwise(cfg):
         for name, p in s.named_parameters():
             assert torch.equal(p, params[name]), name
     x = _tokens()
+    # Bitwise on any CPU: the slices run the same operations on the same shapes and inputs as the whole
+    # model (the same tokens route the same rows to every expert), in one process and thread setting.
     assert torch.equal(whole(x), c(b(a(x))))
 
 
