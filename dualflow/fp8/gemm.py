@@ -45,6 +45,7 @@ from typing import Literal
 import torch
 
 from dualflow.fp8.quant import BLOCK, FP8_DTYPE, num_blocks
+from dualflow.fp8.triton_support import triton_unavailable_reason
 from dualflow.utils import nvtx
 
 ENV_BACKEND = "DUALFLOW_FP8_BACKEND"
@@ -98,13 +99,7 @@ def _ref_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
 # triton backend
 # ----------------------------------------------------------------------------------------------------------
 def _triton_reason(device: torch.device) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on the CPU)"
-    return None
+    return triton_unavailable_reason(device)
 
 
 def _triton_dense(a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwise):
