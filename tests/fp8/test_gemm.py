@@ -218,9 +218,9 @@ def _fake_cutlass(calls: list, available: bool = True) -> types.ModuleType:
             return ref.dense(a, a_scales, b, b_scales, torch.float32, None, True)
         return ref.dense(a, a_scales, b, b_scales, torch.float32, out if accumulate else out.zero_(), True)
 
-    def grouped_gemm_contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype):
+    def grouped_gemm_contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype, errors=None):
         calls.append(("grouped_gemm_contiguous", out_dtype))
-        return ref.contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype)
+        return ref.contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype, errors)
 
     mod.gemm_fwd, mod.gemm_wgrad, mod.grouped_gemm_contiguous = gemm_fwd, gemm_wgrad, grouped_gemm_contiguous
     return mod
