@@ -30,6 +30,7 @@ if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (i
 
 from dualflow.fp8 import (
     BackendUnavailable,
+    Fp8ErrorFlag,
     Fp8Linear,
     Fp8Recipe,
     available_backends,
@@ -132,12 +133,14 @@ def _grouped_rows(bench: Bench, groups: int, rows: int, n: int, k: int, backends
     parts = [quantize_128x128(w[g]) for g in range(groups)]
     b, sb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     offsets = torch.arange(groups + 1, device=dev, dtype=torch.int32) * rows
+    errors = Fp8ErrorFlag(dev)  # the offsets checked on the device, as in training: no host synchronisation
     shape, flops = f"{groups}x{rows}x{n}x{k}", 2.0 * groups * rows * n * k
     bench.rows(shape, "grouped contiguous", flops, exact, [
         ("torch bf16 matmul per group", lambda: torch.cat([x[g * rows:(g + 1) * rows] @ w[g].T
                                                            for g in range(groups)]), ""),
-        *((f"dualflow {name}", lambda name=name: fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=name),
-           "") for name in backends)])
+        *((f"dualflow {name}", lambda name=name: fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, backend=name,
+                                                                  errors=errors), "") for name in backends)])
+    errors.check()
 
 
 def _linear_rows(bench: Bench, tokens: int, d_in: int, d_out: int, backends: list[str]) -> None:

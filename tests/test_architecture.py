@@ -1,12 +1,14 @@
-"""The import rules of DESIGN.md, checked on the source: one direction only, and each subpackage alone.
+"""The import rules of docs/architecture.md, checked on the source: one direction only, and each subpackage
+alone.
 
-cli -> launcher, train -> dualpipe, comm, fp8 -> utils, _cuda. dualpipe, comm and fp8 never import
-each other; the training job composes them.
+__main__ -> cli -> train -> launcher -> dualpipe, comm, fp8 -> utils -> _cuda (LAYER below). dualpipe,
+comm and fp8 never import each other; the training job composes them.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "dualflow"
+DOC = ROOT.parent / "docs" / "architecture.md"
 LAYER = {"_cuda": 0, "utils": 1, "fp8": 2, "comm": 2, "dualpipe": 2, "launcher": 3, "train": 4, "cli": 5,
          "__main__": 6}
 PEERS = {"fp8", "comm", "dualpipe"}
@@ -51,7 +54,7 @@ def test_imports_go_one_way():
                 continue
             if LAYER[target] >= LAYER[unit] or (unit in PEERS and target in PEERS):
                 bad.append(f"{path.relative_to(ROOT.parent)}:{lineno} ({unit}) imports {name}")
-    assert not bad, "imports against DESIGN.md's direction:\n" + "\n".join(bad)
+    assert not bad, "imports against docs/architecture.md's direction:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("pkg", ["fp8", "comm", "dualpipe", "utils", "launcher"])
@@ -63,3 +66,10 @@ def test_subpackage_imports_alone(pkg):
             "print(','.join(loaded))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "", f"importing dualflow.{pkg} also loaded: {out.stdout.strip()}"
+
+
+def test_the_rules_are_those_of_the_document():
+    # the layer table of docs/architecture.md is the one checked here
+    rows = [line.split("|")[1:3] for line in DOC.read_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    documented = {unit.strip(" `"): int(layer) for layer, units in rows for unit in units.split(",")}
+    assert documented == LAYER, f"docs/architecture.md lists {documented}, the test checks {LAYER}"

@@ -111,6 +111,8 @@ int validate(const TileConfig& c, const Problem& p, bool with_pointers) {
                p.offsets_bytes);
     DF_REQUIRE(p.offsets && aligned(p.offsets, static_cast<size_t>(p.offsets_bytes)),
                "%s: offsets must be a non-NULL, %d-byte aligned device pointer", name, p.offsets_bytes);
+    DF_REQUIRE(aligned(p.errors, 8), "%s: errors must be NULL or an 8-byte aligned device pointer, got %p", name,
+               static_cast<const void*>(p.errors));
   }
   return DUALFLOW_OK;
 }
@@ -200,13 +202,14 @@ int dualflow_cutlass_gemm_wgrad(const char* config, int64_t m, int64_t n, int64_
 
 int dualflow_cutlass_grouped_gemm(const char* config, int64_t m, int64_t n, int64_t k, int64_t groups, uintptr_t a,
                                   uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offsets, int offsets_bytes,
-                                  uintptr_t d, int sm_count, uintptr_t workspace, size_t workspace_bytes,
-                                  uintptr_t stream) {
+                                  uintptr_t errors, uintptr_t d, int sm_count, uintptr_t workspace,
+                                  size_t workspace_bytes, uintptr_t stream) {
   Problem p;
   p.m = m, p.n = n, p.k = k, p.groups = groups, p.lda = k, p.ldb = k, p.ldd = n, p.sm_count = sm_count;
   p.a = reinterpret_cast<const void*>(a), p.b = reinterpret_cast<const void*>(b), p.d = reinterpret_cast<void*>(d);
   p.sfa = reinterpret_cast<const float*>(sfa), p.sfb = reinterpret_cast<const float*>(sfb);
   p.offsets = reinterpret_cast<const void*>(offsets), p.offsets_bytes = offsets_bytes;
+  p.errors = reinterpret_cast<int64_t*>(errors);
   return cg::run(config, Kind::Grouped, p, workspace, workspace_bytes, stream);
 }
 

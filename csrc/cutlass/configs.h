@@ -62,6 +62,8 @@ struct Problem {
   bool accumulate = false;           // wgrad: d += A x B^T instead of d = A x B^T
   const void* offsets = nullptr;     // grouped: device int32/int64 [groups + 1] row offsets into A and D
   int offsets_bytes = 4;             // 4 or 8
+  // grouped, optional: device int64 [5] record of the first malformed group (gemm_api.h), or NULL
+  int64_t* errors = nullptr;
   int sm_count = 0;                  // SMs of the device (persistent grid size), > 0
 };
 

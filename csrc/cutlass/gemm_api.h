@@ -52,13 +52,18 @@ DUALFLOW_API int dualflow_cutlass_gemm_wgrad(const char* config, int64_t m, int6
 
 // Grouped forward over contiguous groups of rows: for g < groups, rows [offsets[g], offsets[g+1]) of
 // A [m, k] and D (BF16 [m, n]) form the GEMM with B[g] ([groups, n, k]). offsets: device int32
-// (offsets_bytes 4) or int64 (8), groups + 1 entries; read on the device only, clamped into [0, m].
+// (offsets_bytes 4) or int64 (8), groups + 1 entries, well formed when 0 <= offsets[g] <= offsets[g+1]
+// <= m; read on the device only and clamped into [0, m], non-decreasing, so that malformed offsets never
+// take the kernel outside A, D or the scales (they leave rows of D unspecified).
+// errors: 0, or a device int64 [5] record {code, group, offsets[group], offsets[group+1], m} into which
+// the first malformed group is written (code 1) when the record's code is still 0.
 // sfa: group g's scales as an MN-major [k/128, m_g] block starting at element offsets[g] * k/128;
 // sfb: [groups, ceil(n/128), k/128] K-major.
 DUALFLOW_API int dualflow_cutlass_grouped_gemm(const char* config, int64_t m, int64_t n, int64_t k, int64_t groups,
                                                uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb,
-                                               uintptr_t offsets, int offsets_bytes, uintptr_t d, int sm_count,
-                                               uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
+                                               uintptr_t offsets, int offsets_bytes, uintptr_t errors, uintptr_t d,
+                                               int sm_count, uintptr_t workspace, size_t workspace_bytes,
+                                               uintptr_t stream);
 
 #ifdef __cplusplus
 }

@@ -133,14 +133,33 @@ struct GroupArrays<I, true> {
   }
 };
 
+// Thread 0 of the argument kernel: writes the first malformed group (an offset outside [0, m] or below
+// its predecessor) into p.errors, unless an earlier error is recorded there already.
+template <class Offset>
+__device__ void record_malformed(const Offset* __restrict__ offsets, const Problem& p) {
+  if (p.errors == nullptr || p.errors[0] != 0) return;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t lo = static_cast<int64_t>(offsets[g]), hi = static_cast<int64_t>(offsets[g + 1]);
+    if (lo < 0 || hi < 0 || lo > p.m || hi > p.m || hi < lo) {
+      p.errors[1] = g;
+      p.errors[2] = lo;
+      p.errors[3] = hi;
+      p.errors[4] = p.m;
+      p.errors[0] = 1;  // the code last: a record is complete once its code is set
+      return;
+    }
+  }
+}
+
 // One thread per group: problem shape, pointers and strides of group g from the device-side row offsets,
 // so that the host never waits for the group sizes. Offsets are clamped into [0, m] and made
 // non-decreasing: malformed offsets can leave rows unwritten but never make the kernel touch memory
-// outside the operands.
+// outside the operands; thread 0 records them (record_malformed).
 template <int I, class Offset>
 __global__ void fill_group_arrays(GroupArrays<I> arrays, const Offset* __restrict__ offsets, Problem p) {
   using K = Kernel<I>;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (g == 0) record_malformed(offsets, p);
   if (g >= p.groups) return;
   auto clamp = [&](int64_t x) { return x < 0 ? int64_t{0} : (x > p.m ? p.m : x); };
   const int64_t begin = clamp(static_cast<int64_t>(offsets[g]));

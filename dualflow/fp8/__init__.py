@@ -15,6 +15,7 @@ from dualflow.fp8.gemm import (
     fp8_grouped_gemm,
     resolve_backend,
 )
+from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.moe import fp8_grouped_mlp
 from dualflow.fp8.nn import Fp8GroupedLinear, Fp8Linear, Fp8WeightCache, invalidate_fp8_caches
 from dualflow.fp8.quant import (
@@ -38,6 +39,7 @@ __all__ = [
     "FP8_MAX",
     "BackendUnavailable",
     "ConversionReport",
+    "Fp8ErrorFlag",
     "Fp8GroupedLinear",
     "Fp8Linear",
     "Fp8Recipe",

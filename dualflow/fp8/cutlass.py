@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dualflow import _cuda
 from dualflow.fp8.gemm import BackendUnavailable
+from dualflow.fp8.groups import RECORD_SIZE, record_on_device
 from dualflow.fp8.quant import BLOCK, FP8_DTYPE
 from dualflow.utils import nvtx
 
@@ -175,7 +176,7 @@ def _library() -> ctypes.CDLL:
     lib.dualflow_cutlass_gemm_wgrad.argtypes = [c.c_char_p, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64,
                                                 ptr, i64, c.c_int, c.c_int, ptr, c.c_size_t, ptr]
     lib.dualflow_cutlass_grouped_gemm.argtypes = [c.c_char_p, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c.c_int,
-                                                  ptr, c.c_int, ptr, c.c_size_t, ptr]
+                                                  ptr, ptr, c.c_int, ptr, c.c_size_t, ptr]
     return lib
 
 
@@ -391,15 +392,17 @@ def gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
 
 def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
                             group_offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-                            config: str | None = None) -> torch.Tensor:
+                            config: str | None = None, errors: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group ``a[lo:hi] @ b[g].T`` with ``lo, hi = group_offsets[g], group_offsets[g+1]``: ``a`` E4M3
     ``[T, K]`` with 1x128 scales ``[T, K/128]``, ``b`` E4M3 ``[G, N, K]`` with 128x128 scales
     ``[G, ceil(N/128), K/128]``, ``group_offsets`` int32/int64 ``[G+1]`` on the device; BF16 out ``[T, N]``.
 
     Groups may have any size, zero included. The offsets are read on the device only (no host
-    synchronisation), so they are not validated: they must be non-decreasing from 0 to T. Bad offsets
-    cannot make the kernel access memory outside the operands (they are clamped) but leave output rows
-    unwritten, as are rows outside every group.
+    synchronisation) and must be non-decreasing within ``[0, T]``. Malformed offsets cannot make the kernels
+    access memory outside the operands (the argument kernel clamps them into ``[0, T]``, non-decreasing);
+    they leave output rows unspecified, as are rows outside every group, and the first malformed group is
+    written into ``errors`` when given (the int64 record of :class:`dualflow.fp8.groups.Fp8ErrorFlag`, on
+    the operands' device; :func:`dualflow.fp8.fp8_grouped_gemm` passes its ``errors=`` flag's).
     """
     _fp8_operand("a", a, 2)
     _fp8_operand("b", b, 3)
@@ -416,13 +419,21 @@ def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
         raise ValueError(f"group_offsets must be int32/int64 of shape ({groups + 1},) for G = {groups}, got {got}")
     if out_dtype != torch.bfloat16:
         raise CutlassUnsupported(f"the CUTLASS grouped GEMM writes torch.bfloat16, got out_dtype={out_dtype}")
-    device = _one_device({"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales,
-                          "group_offsets": group_offsets})
+    named = {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "group_offsets": group_offsets}
+    if errors is not None:
+        if not isinstance(errors, torch.Tensor) or errors.dtype != torch.int64 or tuple(errors.shape) != (
+                RECORD_SIZE,) or not errors.is_contiguous():
+            got = (f"{errors.dtype} of shape {tuple(errors.shape)}" if isinstance(errors, torch.Tensor)
+                   else type(errors).__name__)
+            raise ValueError(f"errors must be a contiguous int64 tensor of shape ({RECORD_SIZE},) "
+                             f"(Fp8ErrorFlag.record), got {got}")
+        named["errors"] = errors
+    device = _one_device(named)
     out = torch.empty(t, n, dtype=out_dtype, device=device)
-    if t == 0 or n == 0 or groups == 0:
-        return out
-    if k == 0:
-        return out.zero_()
+    if t == 0 or n == 0 or groups == 0 or k == 0:
+        if errors is not None:  # no kernel reads the offsets: check them with torch operations instead
+            record_on_device(errors, group_offsets, "contiguous", t)
+        return out.zero_() if k == 0 else out
     _check_k(k)
     _sizes(T=t, N=n, K=k, G=groups)
     _out_columns(n, out_dtype)
@@ -438,5 +449,5 @@ def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
         sfb = b_scales.contiguous()
         _launch("dualflow_cutlass_grouped_gemm", device, config, (t, n, k, groups, k, k, n, 0, 0),
                 t, n, k, groups, a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), offsets.data_ptr(),
-                offsets.element_size(), out.data_ptr())
+                offsets.element_size(), 0 if errors is None else errors.data_ptr(), out.data_ptr())
     return out

@@ -14,12 +14,19 @@ The layout of ``b`` is read from its scales' shape. The two shapes coincide only
 scales ``[G, ceil(N/128), ceil(K/128)]``, for two layouts of ``a``:
 
 - contiguous: ``a[T, K]`` holds the rows of all groups back to back, group g owning rows
-  ``group_offsets[g]:group_offsets[g+1]`` (int32/int64, G+1 entries, non-decreasing from 0, on the
-  device; not read back to the host). Every backend takes any row counts, zero included; counts that are
-  multiples of :data:`EXPERT_ALIGNMENT` (128, the row tile of the kernels) waste no row of a tile, so
-  the MoE dispatch should pad each expert's rows to it. Output rows outside every group are unspecified.
-- masked: ``a[G, M_max, K]`` with ``masked_m[g]`` valid rows per group; the other output rows are
-  unspecified.
+  ``group_offsets[g]:group_offsets[g+1]`` (int32/int64, G+1 entries, non-decreasing within [0, T]).
+  Every backend takes any row counts, zero included; counts that are multiples of
+  :data:`EXPERT_ALIGNMENT` (128, the row tile of the kernels) waste no row of a tile, so the MoE
+  dispatch should pad each expert's rows to it. Output rows outside every group are unspecified.
+- masked: ``a[G, M_max, K]`` with ``masked_m[g]`` (in [0, M_max]) valid rows per group; the other output
+  rows are unspecified.
+
+A malformed index is an error, never clipped silently (:mod:`dualflow.fp8.groups`). On the CPU it is
+checked before anything runs. On the device it is checked by the kernels while they run, without a
+host synchronisation, when ``errors=`` passes an :class:`~dualflow.fp8.groups.Fp8ErrorFlag` (they
+record the first malformed group there and ``errors.check()`` raises it later); without one it is read
+back and checked first, which synchronises. The reference backend reads the index on the host and
+raises at once. No backend touches memory outside its operands whatever the index holds.
 
 Backends (``backend=``): ``reference`` (dequantize 128 of K at a time and accumulate in FP32; any device;
 the only block-scaled path on the CPU), ``triton``, ``torch`` (torch's block-scaled ``scaled_mm``;
@@ -44,7 +51,9 @@ from typing import Literal
 
 import torch
 
+from dualflow.fp8.groups import Fp8ErrorFlag, check_on_host, record_on_device
 from dualflow.fp8.quant import BLOCK, FP8_DTYPE, num_blocks
+from dualflow.fp8.triton_support import triton_unavailable_reason
 from dualflow.utils import nvtx
 
 ENV_BACKEND = "DUALFLOW_FP8_BACKEND"
@@ -77,18 +86,22 @@ def _ref_dense(a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwise):
     return acc.to(out_dtype)
 
 
-def _ref_contiguous(a, a_scales, b, b_scales, offsets, out_dtype):
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+def _ref_contiguous(a, a_scales, b, b_scales, offsets, out_dtype, errors=None):
+    # the index is read on the host here anyway: a malformed one raises at once, with or without `errors`
     bounds = offsets.tolist()
+    check_on_host(bounds, "contiguous", a.shape[0])
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     for g, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if hi > lo:
             out[lo:hi] = _ref_dense(a[lo:hi], a_scales[lo:hi], b[g], b_scales[g], out_dtype, None, False)
     return out
 
 
-def _ref_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
+def _ref_masked(a, a_scales, b, b_scales, masked_m, out_dtype, errors=None):
+    counts = masked_m.tolist()
+    check_on_host(counts, "masked", a.shape[1])
     out = torch.zeros(*a.shape[:2], b.shape[1], dtype=out_dtype, device=a.device)
-    for g, count in enumerate(masked_m.tolist()):
+    for g, count in enumerate(counts):
         if count > 0:
             out[g, :count] = _ref_dense(a[g, :count], a_scales[g, :count], b[g], b_scales[g], out_dtype, None, False)
     return out
@@ -98,13 +111,7 @@ def _ref_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
 # triton backend
 # ----------------------------------------------------------------------------------------------------------
 def _triton_reason(device: torch.device) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on the CPU)"
-    return None
+    return triton_unavailable_reason(device)
 
 
 def _triton_dense(a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwise):
@@ -115,18 +122,18 @@ def _triton_dense(a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwis
     return kernels.gemm(a, a_scales, b, b_scales, out, b_rowwise=b_rowwise, accumulate=accumulate_into is not None)
 
 
-def _triton_contiguous(a, a_scales, b, b_scales, offsets, out_dtype):
+def _triton_contiguous(a, a_scales, b, b_scales, offsets, out_dtype, errors=None):
     from dualflow.fp8.kernels import gemm as kernels
 
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    return kernels.grouped_contiguous(a, a_scales, b, b_scales, offsets, out)
+    return kernels.grouped_contiguous(a, a_scales, b, b_scales, offsets, out, errors)
 
 
-def _triton_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
+def _triton_masked(a, a_scales, b, b_scales, masked_m, out_dtype, errors=None):
     from dualflow.fp8.kernels import gemm as kernels
 
     out = torch.empty(*a.shape[:2], b.shape[1], dtype=out_dtype, device=a.device)
-    return kernels.grouped_masked(a, a_scales, b, b_scales, masked_m, out)
+    return kernels.grouped_masked(a, a_scales, b, b_scales, masked_m, out, errors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,8 +187,8 @@ def _cutlass_dense(a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwi
     return mod.gemm_fwd(a, a_scales, b, b_scales, out_dtype)
 
 
-def _cutlass_contiguous(a, a_scales, b, b_scales, offsets, out_dtype):
-    return _cutlass_module().grouped_gemm_contiguous(a, a_scales, b, b_scales, offsets, out_dtype)
+def _cutlass_contiguous(a, a_scales, b, b_scales, offsets, out_dtype, errors=None):
+    return _cutlass_module().grouped_gemm_contiguous(a, a_scales, b, b_scales, offsets, out_dtype, errors=errors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,14 +359,39 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
     return _run(backend, a.device, "dense", a, a_scales, b, b_scales, out_dtype, accumulate_into, rowwise)
 
 
+def _group_index(index: torch.Tensor, name: str, op: str, bound: int, device: torch.device,
+                 errors: Fp8ErrorFlag | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The index on the operands' device, checked now (host index, or no flag to record into), or else the
+    flag's record that the kernels write a malformed group into."""
+    if index.device.type != "cpu" and index.device != device:
+        raise ValueError(f"{name} must be on the operands' device ({device}) or on the CPU, got {index.device}")
+    if errors is not None and (not isinstance(errors, Fp8ErrorFlag) or errors.device != device):
+        got = f"one on {errors.device}" if isinstance(errors, Fp8ErrorFlag) else type(errors).__name__
+        raise ValueError(f"errors must be an Fp8ErrorFlag on the operands' device ({device}), got {got}; make it "
+                         f"with Fp8ErrorFlag({str(device)!r})")
+    if index.device.type == "cpu" or errors is None:
+        check_on_host(index.tolist(), op, bound)  # reading a device index back synchronises
+        # a host index goes up without waiting for the stream (CUDA stages pageable memory at once)
+        return index.to(device, non_blocking=True), None
+    return index, errors.record
+
+
 def fp8_grouped_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, *,
                      group_offsets: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                     out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+                     out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                     errors: Fp8ErrorFlag | None = None) -> torch.Tensor:
     """Per-group ``a_g @ b[g].T`` (MoE experts); pass ``group_offsets`` (contiguous) or ``masked_m`` (masked).
 
     Contiguous: ``a[T, K]``, ``a_scales[T, ceil(K/128)]``, out ``[T, N]``. Masked: ``a[G, M_max, K]``,
     ``a_scales[G, M_max, ceil(K/128)]``, out ``[G, M_max, N]``. ``b[G, N, K]`` with 128x128 scales
     ``[G, ceil(N/128), ceil(K/128)]`` in both.
+
+    The index (on the operands' device or on the CPU) must be well formed: ``group_offsets``
+    non-decreasing within ``[0, T]``, ``masked_m`` within ``[0, M_max]``. A CPU index is checked before
+    anything runs (``ValueError`` naming the group and its values). A device index is checked by the
+    kernels, without a host synchronisation, when ``errors`` (an :class:`Fp8ErrorFlag` on the device) is
+    given: the call returns, the output rows are unspecified, and ``errors.check()`` raises the error
+    later; without ``errors`` it is read back and checked first (a synchronisation).
     """
     if (group_offsets is None) == (masked_m is None):
         raise ValueError("pass exactly one of group_offsets (contiguous layout) or masked_m (masked layout)")
@@ -381,8 +413,13 @@ def fp8_grouped_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b
                          f"{expected} for G = {groups} groups, got {index.dtype} of shape {tuple(index.shape)}")
     if op == "masked" and a.shape[0] != groups:
         raise ValueError(f"masked layout: a must be [G={groups}, M_max, K], got {tuple(a.shape)}")
-    _check_devices(a, a_scales, b, b_scales, index)
+    _check_devices(a, a_scales, b, b_scales)
+    name = "group_offsets" if op == "contiguous" else "masked_m"
+    bound = a.shape[0] if op == "contiguous" else a.shape[1]
+    index, record = _group_index(index, name, op, bound, a.device, errors)
     if a.numel() == 0 or n == 0:
         resolve_backend(backend, a.device, op)
+        if record is not None:  # no kernel runs: check the device index with a few torch operations instead
+            record_on_device(record, index, op, bound)
         return torch.zeros(*a.shape[:-1], n, dtype=out_dtype, device=a.device)
-    return _run(backend, a.device, op, a, a_scales, b, b_scales, index, out_dtype)
+    return _run(backend, a.device, op, a, a_scales, b, b_scales, index, out_dtype, record)

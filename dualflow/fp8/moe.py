@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1
 from dualflow.fp8.recipe import Fp8Recipe
 
@@ -114,18 +115,18 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
 
 class _Fp8GroupedMLPFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches):
+    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
         (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
         h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
-                             backend=recipe.backend)
+                             backend=recipe.backend, errors=errors)
         (aq, as_), at = swiglu_quantize(h, recipe, end=offsets[-1:])
         y = fp8_grouped_gemm(aq, as_, w2_8.q, w2_8.scales, group_offsets=offsets, out_dtype=out_dtype,
-                             backend=recipe.backend)
+                             backend=recipe.backend, errors=errors)
         ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets)
-        ctx.weights, ctx.recipe, ctx.x_dtype = (w13_8, w2_8), recipe, x.dtype
+        ctx.weights, ctx.recipe, ctx.x_dtype, ctx.errors = (w13_8, w2_8), recipe, x.dtype, errors
         return y
 
     @staticmethod
@@ -137,7 +138,7 @@ class _Fp8GroupedMLPFn(torch.autograd.Function):
                                                 backend=recipe.quant_backend)
         w2tq, w2ts = w2_8.transposed()
         da = fp8_grouped_gemm(gq, gs, w2tq, w2ts, group_offsets=offsets, out_dtype=torch.bfloat16,
-                              backend=recipe.backend)
+                              backend=recipe.backend, errors=ctx.errors)
         dw2 = grouped_wgrad(gt, (atq, ats), offsets, recipe) if ctx.needs_input_grad[2] else None
         (dhq, dhs), dht = swiglu_backward_quantize(h, da, recipe, end=offsets[-1:])
         dx = dw13 = None
@@ -145,18 +146,20 @@ class _Fp8GroupedMLPFn(torch.autograd.Function):
             w13tq, w13ts = w13_8.transposed()
             dx = fp8_grouped_gemm(dhq, dhs, w13tq, w13ts, group_offsets=offsets,
                                   out_dtype=ctx.x_dtype if ctx.x_dtype != torch.float64 else torch.float32,
-                                  backend=recipe.backend)
+                                  backend=recipe.backend, errors=ctx.errors)
         if ctx.needs_input_grad[1]:
             dw13 = grouped_wgrad(dht, (xtq, xts), offsets, recipe)
-        return dx, dw13, dw2, None, None, None
+        return dx, dw13, dw2, None, None, None, None
 
 
 def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
-                    recipe: Fp8Recipe | None = None, caches=None) -> torch.Tensor:
+                    recipe: Fp8Recipe | None = None, caches=None, errors: Fp8ErrorFlag | None = None) -> torch.Tensor:
     """The SwiGLU experts of the module docstring, forward and backward in FP8.
 
     ``caches`` is a pair of :class:`~dualflow.fp8.Fp8WeightCache` (for ``w13`` and ``w2``) that keeps the
-    weights' FP8 copies between calls; without it they are quantized on every call.
+    weights' FP8 copies between calls; without it they are quantized on every call. ``errors``: where the
+    grouped GEMMs record malformed device ``offsets`` without a host synchronisation (see
+    :func:`dualflow.fp8.fp8_grouped_gemm`); without one, device offsets are read back and checked per GEMM.
     """
     from dualflow.fp8.nn import Fp8WeightCache
 
@@ -175,7 +178,7 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
         raise ValueError(f"offsets must be int32/int64 of shape ({experts + 1},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
     caches = caches or (Fp8WeightCache(), Fp8WeightCache())
-    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches)
+    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors)
 
 
 def grouped_mlp_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

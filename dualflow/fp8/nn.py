@@ -230,7 +230,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
             dx = fp8_grouped_gemm(gq, gs, wtq, wts, group_offsets=ctx.offsets, out_dtype=_grad_dtype_of(ctx.x_dtype),
                                   backend=recipe.backend)
         if need_dw and ctx.aligned:  # one GEMM for all experts, grouped along the tokens
-            dw = grouped_wgrad(gt, tuple(ctx.saved_tensors), ctx.offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
+            offsets = ctx.offsets.to(dy.device, non_blocking=True)
+            dw = grouped_wgrad(gt, tuple(ctx.saved_tensors), offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
         elif need_dw:
             groups, n_out = ctx.w8.q.shape[:2]
             dw = torch.zeros(groups, n_out, ctx.w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
@@ -283,7 +284,8 @@ class Fp8GroupedLinear(nn.Module):
                              f"x.shape[0] = {x.shape[0]}, got {sizes}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be [tokens, {self.in_features}], got {tuple(x.shape)}")
-        offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32, device=x.device)
+        # host offsets (well formed by the check above): the grouped GEMMs copy them up without a synchronisation
+        offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32)
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
         return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe, wgrad)
 

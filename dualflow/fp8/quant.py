@@ -24,11 +24,12 @@ All FP8 tensors are contiguous row-major ``torch.float8_e4m3fn``; all scales con
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from dualflow.fp8.triton_support import triton_unavailable_reason
 
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
@@ -88,29 +89,26 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, tile_rows: int) -> torch.T
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
-def _triton_usable(x: torch.Tensor) -> bool:
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
+def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
+    """The quantization backend ``backend`` selects on ``device``: ``auto`` is ``triton`` where its kernels run
+    on a CUDA device (:mod:`dualflow.fp8.triton_support`: compute capability 8.9+) and ``reference``
+    otherwise; ``triton`` where it cannot run raises ``RuntimeError`` with the reason."""
+    device = torch.device(device)
     if backend == "auto":
-        return "triton" if x.is_cuda and _triton_usable(x) else "reference"
+        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
     if backend == "reference":
         return backend
     if backend == "triton":
-        if not _triton_usable(x):
-            raise RuntimeError(
-                f"quantization backend 'triton' needs a CUDA tensor and an importable triton (or "
-                f"TRITON_INTERPRET=1 for CPU tensors); got a tensor on {x.device}. Use backend='reference' "
-                "or 'auto'.")
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"quantization backend 'triton' cannot run here: {reason}. Use backend='reference' "
+                               "or 'auto'.")
         return backend
     raise ValueError(f"unknown quantization backend {backend!r}; expected 'auto', 'reference' or 'triton'")
+
+
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    return resolve_quant_backend(backend, x.device)
 
 
 def _validate(x: torch.Tensor, name: str) -> None:

@@ -178,6 +178,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
         self.fp8_recipe: Any = None  # a dualflow.fp8.Fp8Recipe: the expert GEMMs run in FP8
         self._fp8_caches: Any = None
+        self._fp8_errors: Any = None  # a dualflow.fp8.Fp8ErrorFlag on the experts' device
         self._register_load_state_dict_pre_hook(self._stack_on_load)
 
     def __len__(self) -> int:
@@ -210,11 +211,22 @@ class GroupedExperts(nn.Module):
         return _Combine.apply(out, weights, plan, x.dtype)
 
     def _fp8(self, permuted: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
-        from dualflow.fp8 import Fp8WeightCache, fp8_grouped_mlp
+        from dualflow.fp8 import Fp8ErrorFlag, Fp8WeightCache, fp8_grouped_mlp
 
         if self._fp8_caches is None:
             self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
-        return fp8_grouped_mlp(permuted, self.w13, self.w2, plan.offsets, self.fp8_recipe, self._fp8_caches)
+        if self._fp8_errors is None or self._fp8_errors.device != permuted.device:
+            self._fp8_errors = Fp8ErrorFlag(permuted.device)
+        return fp8_grouped_mlp(permuted, self.w13, self.w2, plan.offsets, self.fp8_recipe, self._fp8_caches,
+                               self._fp8_errors)
+
+    def check_fp8_errors(self) -> None:
+        """Raise if a grouped GEMM recorded malformed expert offsets (reads a device flag: synchronises).
+
+        The offsets are cumulative sums of counts, so this reports a bug, never a data problem; the step
+        calls it once, where it waits for the GPU anyway."""
+        if self._fp8_errors is not None:
+            self._fp8_errors.check()
 
     def invalidate_fp8_cache(self) -> None:
         self._fp8_caches = None

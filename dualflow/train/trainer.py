@@ -102,6 +102,7 @@ class Trainer:
         self.val = validation_batches(streams.val, cfg.data.seq_len, run.global_batch, run.val_batches,
                                       dp_rank=topo.dp_rank, dp_size=par.dp)
         self.stages = build_stages(cfg, topo)
+        self.fp8_experts: list[GroupedExperts] = []
         self.fp8_report = self._setup_fp8() if run.fp8 else None
         self._setup_exchange()
         self.engine = engine or self._build_engine()
@@ -129,6 +130,7 @@ class Trainer:
         grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
         for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)
             experts.fp8_recipe = recipe
+        self.fp8_experts = grouped
         converted = sum(len(r.converted) for r in reports)
         kept = sorted({name.split(".")[-1] for r in reports for name, _ in r.skipped})
         return (f"FP8: {converted} linear layers converted, the routed experts of {len(grouped)} MoE layer(s) run as "
@@ -281,6 +283,8 @@ class Trainer:
         start = time.perf_counter()
         x, y = self.loader.next()
         local_sum, local_count = self.engine.step(x.to(self.device), y.to(self.device))
+        for experts in self.fp8_experts:  # malformed expert offsets, recorded on the device (a bug if ever)
+            experts.check_fp8_errors()
         total, count = topo.all_reduce([float(local_sum), float(local_count)])
         loss = total / count
         self._check_finite(float(local_sum), loss)

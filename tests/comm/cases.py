@@ -69,6 +69,8 @@ def gather(obj, group=None) -> list:
 
 
 def assert_bitwise(got, want, what: str) -> None:
+    """Equal bytes. Holds on any machine: dispatch copies bytes, and combine's sums are elementwise FP32
+    additions and products in the order the reference performs them (each one correctly rounded)."""
     got, want = got.detach().cpu(), want.detach().cpu()
     assert got.dtype == want.dtype and got.shape == want.shape, \
         f"{what}: {got.dtype} {list(got.shape)} != {want.dtype} {list(want.shape)}"

@@ -186,6 +186,7 @@ def by_checks():
 
 
 def test_checks_modes_move_the_same_data(by_checks):
+    # bitwise: the checks add exchanges of their own but change no operation of the data's path
     for checks in ("first", "local"):
         for rank, (got, want) in enumerate(zip(by_checks[checks], by_checks["collective"])):
             for r, (a, b) in enumerate(zip(got["rounds"], want["rounds"])):

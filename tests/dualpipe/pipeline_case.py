@@ -234,6 +234,8 @@ class Case:
             res["losses_equal"].append(loss is None and out is None)
         else:
             lo, hi = mine
+            # Bitwise on any CPU: the pipeline's stages and the reference run the same operations on the same
+            # micro-batch shapes and inputs, in this process with its one intra-op thread (tests/dist.py).
             res["losses_equal"].append(torch.equal(loss, ref_losses[lo:hi]))
             if self.first_loss is None:
                 self.first_loss = loss.clone()

@@ -243,6 +243,7 @@ def test_engine_falls_through_to_the_next_backend_on_the_cpu():
     a, sa, b, sb = _dense()
     with pytest.raises(BackendUnavailable, match="cutlass: the CUTLASS GEMMs need CUDA tensors"):
         fp8_gemm(a, sa, b, sb, backend="cutlass")
+    # both run the reference backend on the same operands: the same bits
     assert torch.equal(fp8_gemm(a, sa, b, sb, backend="cutlass,reference"), fp8_gemm(a, sa, b, sb, backend="reference"))
 
 
@@ -317,12 +318,15 @@ def test_launch_entry_points_validate_before_touching_the_gpu(lib):
         fwd(b"wgrad_128x128", 256, 256, 256, 256, 256)
     with pytest.raises(_cuda.CudaLibraryError, match="unknown CUTLASS configuration '\\(null\\)'"):
         fwd(None, 256, 256, 256, 256, 256)
+    grouped = lambda offsets, offsets_bytes, errors: _cuda.call(  # noqa: E731
+        "dualflow_cutlass_grouped_gemm", b"grouped_64x128", 128, 128, 256, 2, 256, 256, 256, 256, offsets,
+        offsets_bytes, errors, 256, 132, 0, 0, 0)
     with pytest.raises(_cuda.CudaLibraryError, match="offsets_bytes must be 4 or 8, got 2"):
-        _cuda.call("dualflow_cutlass_grouped_gemm", b"grouped_64x128", 128, 128, 256, 2, 256, 256, 256, 256, 256, 2,
-                   256, 132, 0, 0, 0)
+        grouped(256, 2, 0)
     with pytest.raises(_cuda.CudaLibraryError, match="offsets must be a non-NULL, 8-byte aligned"):
-        _cuda.call("dualflow_cutlass_grouped_gemm", b"grouped_64x128", 128, 128, 256, 2, 256, 256, 256, 256, 4, 8,
-                   256, 132, 0, 0, 0)
+        grouped(4, 8, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match="errors must be NULL or an 8-byte aligned device pointer"):
+        grouped(256, 8, 260)
     with pytest.raises(_cuda.CudaLibraryError, match="k must be a multiple of 128"):
         _cuda.call("dualflow_cutlass_gemm_wgrad", b"wgrad_128x128", 128, 128, 192, 256, 192, 256, 128, 256, 192, 256,
                    128, 256, 128, 1, 132, 0, 0, 0)

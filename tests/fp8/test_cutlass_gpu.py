@@ -17,6 +17,7 @@ import torch
 
 from dualflow import _cuda
 from dualflow.fp8 import (
+    Fp8ErrorFlag,
     Fp8Linear,
     Fp8Recipe,
     fp8_gemm,
@@ -26,7 +27,9 @@ from dualflow.fp8 import (
     quantize_128x128,
 )
 from dualflow.fp8 import cutlass as cl
+from dualflow.fp8.groups import RECORD_SIZE, first_malformed
 from tests.fp8.helpers import assert_agrees, gemm_error, magnitude, scaled_randn
+from tests.fp8.test_groups import guard_rows, guarded
 
 pytestmark = pytest.mark.gpu
 REF = "reference"
@@ -107,6 +110,7 @@ def test_leading_dimensions_are_read_in_place():
     wide_a = torch.zeros(256, 1024 + 256, dtype=a.dtype, device="cuda")
     wide_a[:, 128:1152] = a
     got = cl.gemm_fwd(wide_a[:, 128:1152], sa, b, sb)
+    # the same kernel on the same values and shape (only the row stride differs): the same bits
     assert torch.equal(got, cl.gemm_fwd(a, sa, b, sb))
 
 
@@ -139,7 +143,7 @@ def test_wgrad_with_the_engines_128x1_operands(tokens, d_in, d_out):
     assert cl.gemm_wgrad(a, sa, b, sb, out=acc, accumulate=True) is acc
     assert_agrees(acc, start + fp8_gemm(a, sa, b, sb, torch.float32, backend=REF), mag + start.abs())
     poisoned = torch.full((d_out, d_in), float("nan"), device="cuda")
-    assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)
+    assert torch.equal(cl.gemm_wgrad(a, sa, b, sb, out=poisoned), got)  # the same kernel and inputs as `got`
 
 
 def test_wgrad_adversarial_magnitudes():
@@ -178,12 +182,58 @@ def test_grouped(config, sizes, index_dtype):
                 assert gemm_error(got[lo:hi], x[lo:hi].double() @ w[g].double().T) < 1e-3
 
 
-def test_grouped_with_malformed_offsets_stays_in_bounds():
-    a, sa = quantize_1x128(_data(256, 256, 40, False))
-    _, b, sb = _experts(3, 128, 256, 41, False)
-    for offsets in ([0, 500, 100, 10**6], [-7, 3, 2, 256], [0, 0, 0, 0]):
-        cl.grouped_gemm_contiguous(a, sa, b, sb, torch.tensor(offsets, device="cuda"))
-        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+@pytest.mark.parametrize("config", GROUPED)
+@pytest.mark.parametrize("offsets", [[0, 500, 100, 256], [-7, 3, 2, 256], [0, 200, 60, 256], [0, 100, 256, 480],
+                                     [-200, -100, 150, 120], [0, 0, 0, 0], [0, 56, 56, 256]],
+                         ids=lambda o: "_".join(map(str, o)))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_grouped_with_malformed_offsets_stays_in_bounds(config, offsets, index_dtype):
+    # The C ABI directly, on operands inside guard rows of their storage: NaN around A and its scales (a
+    # read outside them puts a NaN into the output), a sentinel around D (a write outside it changes one);
+    # every malformed case overshoots by less than the guard.
+    t, n, k, groups = 256, 128, 256, 3
+    a, sa = quantize_1x128(_data(t, k, 40, False))
+    _, b, sb = _experts(groups, n, k, 41, False)
+    index = torch.tensor(offsets, dtype=index_dtype, device="cuda")
+    _, a_in = guarded(a, float("nan"))
+    _, sfa_in = guarded(cl.grouped_scales_mn_major(sa, index).view(t, -1), float("nan"))
+    sentinel = -(2.0 ** 100)  # exact in BF16, far from any output of this data
+    d_store, d = guarded(torch.full((t, n), sentinel, dtype=torch.bfloat16, device="cuda"), sentinel)
+    before = guard_rows(d_store).clone()
+    errors = torch.zeros(RECORD_SIZE, dtype=torch.int64, device="cuda")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    size = cl.workspace_size(config, t, n, k, groups=groups, num_sms=num_sms)
+    workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+    _cuda.call("dualflow_cutlass_grouped_gemm", config.encode(), t, n, k, groups, a_in.data_ptr(), sfa_in.data_ptr(),
+               b.data_ptr(), sb.data_ptr(), index.data_ptr(), index.element_size(), errors.data_ptr(), d.data_ptr(),
+               num_sms, workspace.data_ptr(), size, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    # untouched memory compared with what was written there: bitwise equality holds on any machine
+    assert torch.equal(guard_rows(d_store), before), "a write outside D"
+    written = (d != sentinel).any(-1)
+    assert torch.isfinite(d[written].float()).all(), "a read outside A or its scales (their guards are NaN)"
+    found = first_malformed(offsets, "contiguous", t)
+    assert errors.tolist() == ([0] * RECORD_SIZE if found is None else [1, *found, t])
+    if found is None:
+        want = fp8_grouped_gemm(a, sa, b, sb, group_offsets=index, backend=REF)
+        for g, (lo, hi) in enumerate(itertools.pairwise(offsets)):
+            assert_agrees(d[lo:hi], want[lo:hi], magnitude(a[lo:hi], sa[lo:hi], 1, b[g], sb[g], 128))
+        assert int(written.sum()) == offsets[-1] - offsets[0]
+
+
+def test_grouped_malformed_offsets_reach_the_error_flag():
+    a, sa = quantize_1x128(_data(256, 256, 46, False))
+    _, b, sb = _experts(3, 128, 256, 47, False)
+    bad = torch.tensor([0, 200, 60, 256], dtype=torch.int32, device="cuda")
+    flag = Fp8ErrorFlag("cuda")
+    cl.grouped_gemm_contiguous(a, sa, b, sb, bad, errors=flag.record)
+    with pytest.raises(ValueError, match=r"group 1 has group_offsets\[1\] = 200, group_offsets\[2\] = 60"):
+        flag.check()
+    fp8_grouped_gemm(a, sa, b, sb, group_offsets=bad, backend="cutlass", errors=flag)  # returns: no sync
+    with pytest.raises(ValueError, match=r"group 1 has group_offsets\[1\] = 200"):
+        flag.check()
+    with pytest.raises(ValueError, match=r"group 1 has group_offsets\[1\] = 200"):  # no flag: read back first
+        fp8_grouped_gemm(a, sa, b, sb, group_offsets=bad, backend="cutlass")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,7 +250,7 @@ def test_too_small_a_workspace_is_an_error():
     assert needed > 0
     with pytest.raises(_cuda.CudaLibraryError, match=f"the workspace has 64 bytes, this problem needs {needed}"):
         _cuda.call("dualflow_cutlass_grouped_gemm", b"grouped_128x128", 256, 128, 256, 2, a.data_ptr(),
-                   sfa.data_ptr(), b.data_ptr(), sb.data_ptr(), offsets.data_ptr(), 4, out.data_ptr(), num_sms,
+                   sfa.data_ptr(), b.data_ptr(), sb.data_ptr(), offsets.data_ptr(), 4, 0, out.data_ptr(), num_sms,
                    torch.empty(64, dtype=torch.uint8, device="cuda").data_ptr(), 64,
                    torch.cuda.current_stream().cuda_stream)
 
@@ -232,7 +282,7 @@ def test_cuda_graph_capture_replays_on_new_data():
     for dst, src in zip(inputs, fresh, strict=True):
         dst.copy_(src)
     graph.replay()
-    for got, want in zip(captured, run(*fresh), strict=True):
+    for got, want in zip(captured, run(*fresh), strict=True):  # the same kernels on the same data: same bits
         assert torch.equal(got, want)
 
 

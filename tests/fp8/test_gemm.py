@@ -74,6 +74,7 @@ def test_b_layout_is_read_from_the_scales_or_stated():
     _x, w, a, sa, b, sb_block = _operands(64, 256, 256)
     _, sb_row = quantize_1x128(w)
     auto_block = fp8_gemm(a, sa, b, sb_block, torch.float32, backend=REF)
+    # the same reference operations on the same operands, only the layout read differently: the same bits
     assert torch.equal(auto_block, fp8_gemm(a, sa, b, sb_block, torch.float32, backend=REF, b_block="128x128"))
     with pytest.raises(ValueError, match=r"b_scales must be float32 of shape \(256, 2\)"):
         fp8_gemm(a, sa, b, sb_block, backend=REF, b_block="1x128")
@@ -122,6 +123,7 @@ def test_grouped_contiguous_is_one_gemm_per_group():
     out = fp8_grouped_gemm(a, sa, b, sb, group_offsets=offsets, out_dtype=torch.float32, backend=REF)
     for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
         want = fp8_gemm(a[lo:hi], sa[lo:hi], b[e], sb[e], torch.float32, backend=REF)
+        # bitwise: the grouped reference runs exactly this dense reference on these rows (same shapes)
         assert torch.equal(out[lo:hi], want)
         if hi > lo:
             assert gemm_error(out[lo:hi], x[lo:hi].double() @ w[e].double().T) < 1e-3
@@ -136,7 +138,7 @@ def test_grouped_masked_is_one_gemm_per_group_on_the_valid_rows():
     _, _, _, _, b, sb, _ = _grouped_operands([1, 1, 1], 160, 256)
     out = fp8_grouped_gemm(a, sa, b, sb, masked_m=counts, backend=REF)
     assert out.shape == (3, 128, 160)
-    for e, c in enumerate(counts.tolist()):
+    for e, c in enumerate(counts.tolist()):  # bitwise: the same dense reference on the same rows
         assert torch.equal(out[e, :c], fp8_gemm(a[e, :c], sa[e, :c], b[e], sb[e], backend=REF))
 
 
@@ -216,9 +218,9 @@ def _fake_cutlass(calls: list, available: bool = True) -> types.ModuleType:
             return ref.dense(a, a_scales, b, b_scales, torch.float32, None, True)
         return ref.dense(a, a_scales, b, b_scales, torch.float32, out if accumulate else out.zero_(), True)
 
-    def grouped_gemm_contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype):
+    def grouped_gemm_contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype, errors=None):
         calls.append(("grouped_gemm_contiguous", out_dtype))
-        return ref.contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype)
+        return ref.contiguous(a, a_scales, b, b_scales, group_offsets, out_dtype, errors)
 
     mod.gemm_fwd, mod.gemm_wgrad, mod.grouped_gemm_contiguous = gemm_fwd, gemm_wgrad, grouped_gemm_contiguous
     return mod

@@ -198,7 +198,7 @@ def test_fp8_weight_cache_follows_cuda_optimizers(fused):
         opt.zero_grad()
     fresh = Fp8Linear(512, 512, device=CUDA)
     fresh.load_state_dict(fp8.state_dict())
-    assert torch.equal(fp8(x), fresh(x))
+    assert torch.equal(fp8(x), fresh(x))  # the same kernels on the same weights and input: the same bits
 
 
 def test_fp8_grouped_linear_on_cuda():
@@ -214,3 +214,32 @@ def test_fp8_grouped_linear_on_cuda():
     assert sqnr_db(ref, y) >= 25
     for w, g in zip(want, got):
         assert sqnr_db(w, g) >= 25
+
+
+def test_triton_gate_follows_the_compute_capability(monkeypatch):
+    """The real capability query decides (sm_89+), and a GPU reporting an older one gets the reference
+    quantizers and the next GEMM backend of a list instead of a Triton compile error."""
+    from dualflow.fp8 import gemm as gemm_mod
+    from dualflow.fp8 import triton_support
+
+    capability = torch.cuda.get_device_capability()
+    assert triton_support.device_capability(CUDA) == capability
+    assert (triton_support.triton_unavailable_reason(CUDA) is None) == (capability >= (8, 9))
+    x, _w, a, sa, b, sb = _operands(256, 384, 512)
+    want_q = quantize_1x128(x, backend="reference")
+    want = fp8_gemm(a, sa, b, sb, backend="reference")
+    monkeypatch.setattr(triton_support, "device_capability", lambda device: (8, 0))
+    gemm_mod._why_not_cached.cache_clear()
+    try:
+        q, s = quantize_1x128(x)  # auto: the reference on this "sm80"
+        assert_same_fp8(q, want_q[0])
+        assert_same_scales(s, want_q[1])
+        with pytest.raises(RuntimeError, match=r"has 8\.0 \(sm80\)"):
+            quantize_1x128(x, backend="triton")
+        # the same reference GEMM on the same operands and device as `want`: bitwise equal
+        assert torch.equal(fp8_gemm(a, sa, b, sb, backend="triton,reference"), want)
+        with pytest.raises(BackendUnavailable, match=r"triton: .* has 8\.0 \(sm80\)"):
+            fp8_gemm(a, sa, b, sb, backend="triton")
+        assert "sm80" in available_backends(CUDA, "contiguous")["triton"]
+    finally:
+        gemm_mod._why_not_cached.cache_clear()

@@ -101,6 +101,7 @@ def test_weight_is_quantized_once_per_optimizer_step():
         opt.zero_grad()
     fresh = Fp8Linear(256, 384)
     fresh.load_state_dict(fp8.state_dict())
+    # the same quantization and GEMM of the same weights and input: bitwise equal unless the weight differs
     assert torch.equal(fp8(x), fresh(x)), "a stale FP8 weight was used after optimizer.step()"
     assert fp8.fp8_cache.builds == 3
 
@@ -129,6 +130,7 @@ def test_every_weight_change_invalidates_the_cache(change):
         assert invalidate_fp8_caches(nn.Sequential(fp8)) == 1
     after = fp8(x)
     assert fp8.fp8_cache.builds == 2
+    # unchanged weights give the same bits (the same operations on the same inputs); changed ones cannot
     assert torch.equal(before, after) == (change == "invalidate")
 
 

@@ -1,4 +1,7 @@
-"""The reference quantizers: the math of the recipe, layouts, padding, power-of-two scales, non-finite input."""
+"""The reference quantizers: the math of the recipe, layouts, padding, power-of-two scales, non-finite input.
+
+Comparisons are bit for bit, which holds on any machine: the recipe is made of exact operations (max,
+powers of two) and correctly rounded ones (one division, one multiplication, the E4M3 cast)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Triton quantization kernel against the reference, bit for bit (CPU: Triton's interpreter)."""
+"""The Triton quantization kernel against the reference, bit for bit (CPU: Triton's interpreter); that holds on
+any machine because the recipe's operations are exact or correctly rounded (tests/fp8/test_quant.py)."""
 
 from __future__ import annotations
 

@@ -36,6 +36,8 @@ def test_pipeline_alone_is_bitwise_equal_to_one_process(tmp_path, schedule):
     reference = _single(tmp_path)
     results = run_workers(train_worker, 2, tiny(tmp_path / "pp", parallel=dict(pp=2, schedule=schedule)),
                           timeout=180)
+    # Bitwise on any CPU: every stage runs the one-process run's operations on the same micro-batch shapes,
+    # one intra-op thread in every process (tests/train/conftest.py, tests/dist.py).
     assert results[0][0] == reference
 
 
@@ -60,6 +62,8 @@ def test_overlapped_and_plain_pipeline_steps_are_bitwise_equal(tmp_path):
     for overlap in (True, False):
         cfg = tiny(tmp_path / f"ov{overlap}", parallel=dict(pp=2, dp=2, overlap=overlap))
         runs[overlap] = run_workers(train_worker_params, 4, cfg, timeout=180)
+    # Bitwise on any CPU: the overlap reorders independent operations, each of which runs on the same
+    # shapes and inputs with the same thread setting as without it.
     for (loss_a, state_a), (loss_b, state_b) in zip(runs[True], runs[False]):
         assert loss_a == loss_b
         assert state_a.keys() == state_b.keys()

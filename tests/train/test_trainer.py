@@ -63,7 +63,8 @@ def test_comm_checks_reach_the_exchange_and_change_no_result(tmp_path):
             for checks in ("collective", "first")}
     for checks, results in runs.items():
         assert all(r[1] == [checks] for r in results), (checks, results)
-    assert runs["first"][0][0] == runs["collective"][0][0]  # the same losses, bit for bit
+    # the same losses, bit for bit: the checks move no data and change no operation or shape
+    assert runs["first"][0][0] == runs["collective"][0][0]
     with pytest.raises(ValueError, match=r"parallel\.comm_checks: expected one of .*, got 'sometimes'"):
         ParallelConfig(comm_checks="sometimes")
 
@@ -75,6 +76,8 @@ def test_zero1_is_bitwise_equal_to_replicated_optimizer(tmp_path, fp8):
                        timeout=120)
     zero = run_workers(train_worker, 2, tiny(tmp_path / "b", parallel=dict(dp=2, microbatches=2, zero1=True),
                                              train=train), timeout=120)
+    # Bitwise on any CPU: ZeRO-1 gives each parameter to one owner, who applies the same elementwise update
+    # to the whole tensor that every rank applies without it; the broadcast copies bytes.
     assert base[0] == zero[0]
 
 
@@ -85,6 +88,8 @@ def test_resume_continues_bitwise(tmp_path):
     resumed = Trainer(part_cfg).train(resume=True)
     assert resumed.resumed_from == 3
     assert sorted(resumed.losses) == [4, 5, 6]
+    # Bitwise on any CPU: a checkpoint restores the exact bytes, and the resumed steps run the same
+    # operations on the same shapes in the same process as the uninterrupted run.
     for step in (4, 5, 6):
         assert resumed.losses[step] == full.losses[step]
     assert resumed.val_losses[6] == full.val_losses[6]

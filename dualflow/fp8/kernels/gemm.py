@@ -9,6 +9,12 @@ Three entry kernels share the K loop: dense, grouped with a contiguous layout (r
 concatenated, group ``g`` owning rows ``offsets[g]:offsets[g+1]``) and grouped with a masked layout
 (``a[G, M_max, K]`` with ``counts[g]`` valid rows). Groups of any size work; a group whose size is a
 multiple of BLOCK_M wastes no row of its tiles.
+
+The grouped kernels read their group index on the device and trust none of it: offsets are clamped into
+``[0, T]`` and made non-decreasing, counts into ``[0, M_max]``, so a malformed index never makes them
+touch memory outside ``a`` and ``out``. With ``RECORD``, program (0, 0) also writes the first malformed
+group of the whole index into ``errors`` (the record of :mod:`dualflow.fp8.groups`), unless an earlier
+error is already there.
 """
 
 from __future__ import annotations
@@ -85,49 +91,86 @@ def _dense_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
 
 
 @triton.jit
-def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offsets_ptr, G, N, K,
+def _record(errors_ptr, found, code, group, first, second, bound):
+    # one writer per launch (program (0, 0), `found` false elsewhere); the first error recorded stays
+    if tl.load(errors_ptr, mask=found, other=1) == 0:
+        tl.store(errors_ptr + 1, group.to(tl.int64))
+        tl.store(errors_ptr + 2, first.to(tl.int64))
+        tl.store(errors_ptr + 3, second.to(tl.int64))
+        tl.store(errors_ptr + 4, bound.to(tl.int64))
+        tl.store(errors_ptr, code.to(tl.int64))  # the code last: a record is complete once it is set
+
+
+@triton.jit
+def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offsets_ptr, errors_ptr, T, G, N, K,
                        s_am, s_ak, s_sam, s_sak, s_bg, s_bn, s_bk, s_sbg, s_sbn, s_sbk, s_cm, s_cn,
-                       EVEN_K: tl.constexpr,
+                       RECORD: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # program_id(0) enumerates the row tiles of all groups in order; find this one's group
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = pid_m * 0 - 1
-    row0 = pid_m * 0
-    row_end = pid_m * 0
-    tiles_before = pid_m * 0
+    zero = pid_m.to(tl.int64) * 0
+    group = zero - 1
+    row0 = zero
+    row_end = zero
+    tiles_before = zero
+    bad_group = zero - 1
+    bad_lo = zero
+    bad_hi = zero
     for g in range(0, G):
-        lo = tl.load(offsets_ptr + g).to(tl.int32)
-        hi = tl.load(offsets_ptr + g + 1).to(tl.int32)
+        lo_raw = tl.load(offsets_ptr + g).to(tl.int64)
+        hi_raw = tl.load(offsets_ptr + g + 1).to(tl.int64)
+        bad = (tl.minimum(lo_raw, hi_raw) < 0) | (tl.maximum(lo_raw, hi_raw) > T) | (hi_raw < lo_raw)
+        first_bad = bad & (bad_group < 0)
+        bad_group = tl.where(first_bad, g, bad_group)
+        bad_lo = tl.where(first_bad, lo_raw, bad_lo)
+        bad_hi = tl.where(first_bad, hi_raw, bad_hi)
+        # rows [lo, hi) inside [0, T] whatever the offsets hold
+        lo = tl.minimum(tl.maximum(lo_raw, 0), T)
+        hi = tl.maximum(tl.minimum(tl.maximum(hi_raw, 0), T), lo)
         tiles = tl.cdiv(hi - lo, BLOCK_M)
         inside = (pid_m >= tiles_before) & (pid_m < tiles_before + tiles)
         group = tl.where(inside, g, group)
         row0 = tl.where(inside, lo + (pid_m - tiles_before) * BLOCK_M, row0)
         row_end = tl.where(inside, hi, row_end)
         tiles_before += tiles
+    if RECORD:
+        _record(errors_ptr, (pid_m == 0) & (pid_n == 0) & (bad_group >= 0), zero + 1, bad_group, bad_lo, bad_hi,
+                zero + T)
     if group < 0:  # the grid is an upper bound on the number of row tiles
         return
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < row_end
     mask_n = offs_n < N
-    g64 = group.to(tl.int64)
-    acc = _k_loop(a_ptr, sa_ptr, b_ptr + g64 * s_bg, sb_ptr + g64 * s_sbg, offs_m, offs_n, mask_m, mask_n, K,
+    acc = _k_loop(a_ptr, sa_ptr, b_ptr + group * s_bg, sb_ptr + group * s_sbg, offs_m, offs_n, mask_m, mask_n, K,
                   s_am, s_ak, s_sam, s_sak, s_bn, s_bk, s_sbn, s_sbk,
                   False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     _store(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, s_cm, s_cn, False)
 
 
 @triton.jit
-def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, counts_ptr, M_MAX, N, K,
+def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, counts_ptr, errors_ptr, G, M_MAX, N, K,
                    s_ag, s_am, s_ak, s_sag, s_sam, s_sak, s_bg, s_bn, s_bk, s_sbg, s_sbn, s_sbk, s_cg, s_cm, s_cn,
-                   EVEN_K: tl.constexpr,
+                   RECORD: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if RECORD:  # noqa: SIM102 (a compile-time branch: Triton drops it when RECORD is False)
+        if (pid == 0) & (pid_n == 0):
+            zero = pid.to(tl.int64) * 0
+            bad_group = zero - 1
+            bad_count = zero
+            for g in range(0, G):
+                c = tl.load(counts_ptr + g).to(tl.int64)
+                first_bad = ((c < 0) | (c > M_MAX)) & (bad_group < 0)
+                bad_group = tl.where(first_bad, g, bad_group)
+                bad_count = tl.where(first_bad, c, bad_count)
+            _record(errors_ptr, bad_group >= 0, zero + 2, bad_group, bad_count, zero + M_MAX, zero + M_MAX)
     tiles_m = tl.cdiv(M_MAX, BLOCK_M)
     group = pid // tiles_m
-    count = tl.load(counts_ptr + group).to(tl.int32)
+    # at most M_MAX rows, and none for a negative count
+    count = tl.minimum(tl.maximum(tl.load(counts_ptr + group).to(tl.int64), 0), M_MAX)
     offs_m = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     if (pid % tiles_m) * BLOCK_M >= count:  # rows past the valid count are not computed
         return
@@ -166,33 +209,35 @@ def gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: tor
 
 
 def grouped_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
-                       offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[rows of g] = a[rows of g] @ b[g].T`` with rows ``offsets[g]:offsets[g+1]``."""
+                       offsets: torch.Tensor, out: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[rows of g] = a[rows of g] @ b[g].T`` with rows ``offsets[g]:offsets[g+1]``; a malformed group is
+    recorded into ``errors`` (int64 record of :mod:`dualflow.fp8.groups`) when given."""
     total, k = a.shape
     groups, n, _ = b.shape
     cfg = _config(total // max(groups, 1))
     tiles_m = triton.cdiv(total, cfg["BLOCK_M"]) + groups  # each group adds at most one partial tile
     grid = (tiles_m, triton.cdiv(n, cfg["BLOCK_N"]))
     _contiguous_kernel[grid](
-        a, a_scales, b, b_scales, out, offsets, groups, n, k,
+        a, a_scales, b, b_scales, out, offsets, offsets if errors is None else errors, total, groups, n, k,
         a.stride(0), a.stride(1), a_scales.stride(0), a_scales.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_scales.stride(0), b_scales.stride(1), b_scales.stride(2),
         out.stride(0), out.stride(1),
-        EVEN_K=k % BLOCK_K == 0, BLOCK_K=BLOCK_K, **cfg)
+        RECORD=errors is not None, EVEN_K=k % BLOCK_K == 0, BLOCK_K=BLOCK_K, **cfg)
     return out
 
 
 def grouped_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
-                   counts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[g, :counts[g]] = a[g, :counts[g]] @ b[g].T``; other rows of ``out`` are left untouched."""
+                   counts: torch.Tensor, out: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[g, :counts[g]] = a[g, :counts[g]] @ b[g].T``; other rows of ``out`` are left untouched. A malformed
+    count is recorded into ``errors`` when given."""
     groups, m_max, k = a.shape
     n = b.shape[1]
     cfg = _config(m_max)
     grid = (groups * triton.cdiv(m_max, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _masked_kernel[grid](
-        a, a_scales, b, b_scales, out, counts, m_max, n, k,
+        a, a_scales, b, b_scales, out, counts, counts if errors is None else errors, groups, m_max, n, k,
         a.stride(0), a.stride(1), a.stride(2), a_scales.stride(0), a_scales.stride(1), a_scales.stride(2),
         b.stride(0), b.stride(1), b.stride(2), b_scales.stride(0), b_scales.stride(1), b_scales.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        EVEN_K=k % BLOCK_K == 0, BLOCK_K=BLOCK_K, **cfg)
+        RECORD=errors is not None, EVEN_K=k % BLOCK_K == 0, BLOCK_K=BLOCK_K, **cfg)
     return out
