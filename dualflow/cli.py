@@ -1,4 +1,4 @@
-"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|bench``.
+"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|tokenize|bench``.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs, so ``dualflow info`` stays
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("dualflow.launcher.cli", "start a job through torchrun (single node, multi-node, SLURM)"),
     "doctor": ("dualflow.launcher.doctor", "preflight checks: driver, NCCL, NVLink, limits"),
     "train": ("dualflow.train.cli", "train the MoE model of a TOML config"),
+    "tokenize": ("dualflow.train.tokenize_cmd", "tokenize text files into token shards (data.source = \"binary\")"),
     "bench": ("dualflow.utils.bench_cmd", "run a benchmark script of benchmarks/"),
 }
 
