@@ -69,10 +69,14 @@ def _barrier(group: dist.ProcessGroup | None) -> None:
 class CheckpointManager:
     """Saves and restores flat tensor dicts under ``root``; every rank of ``group`` takes part."""
 
-    def __init__(self, root: str | Path, keep: int = 2, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, group: dist.ProcessGroup | None = None,
+                 files: dict[str, str] | None = None) -> None:
+        """``files``: text files (name -> content) that rank 0 writes into every checkpoint directory before
+        it is published (the model's configuration, which readers of the checkpoint need)."""
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep}: keep at least the latest checkpoint")
         self.root, self.keep, self.group = Path(root), keep, group
+        self.files = dict(files or {})
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
 
     def path(self, step: int) -> Path:
@@ -107,6 +111,8 @@ class CheckpointManager:
         dcp.save(cpu_state, storage_writer=FileSystemWriter(tmp), process_group=self.group)
         _barrier(self.group)
         if self.rank == 0:
+            for name, text in self.files.items():
+                (tmp / name).write_text(text)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -146,3 +152,20 @@ class CheckpointManager:
             elif tuple(getattr(saved[k], "size", ())) != tuple(v.shape):
                 out.append(f"{k!r} has shape {tuple(saved[k].size)} in the checkpoint, {tuple(v.shape)} here")
         return out
+
+
+def read_model_state(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint ``path`` whose keys start with ``prefix`` (prefix removed), whole, in this
+    process (no process group): every shard of any pipeline/expert-parallel layout is read and assembled."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); give a step-NNNNNNNN directory")
+    meta = read_metadata(path).state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not state:
+        raise ValueError(f"{path} holds no tensor named {prefix}*; is it a checkpoint of the training job?")
+    dcp.load(state, storage_reader=_SafeReader(path), no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}

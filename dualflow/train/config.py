@@ -63,13 +63,19 @@ class TrainConfig:
         if local != int(local) or int(local) % chunks:
             raise ValueError(f"train.global_batch={self.train.global_batch} must split into parallel.dp="
                              f"{self.parallel.dp} ranks x parallel.microbatches={chunks} equal micro-batches")
-        if self.model.n_routed_experts % self.parallel.dp and self.model.n_dense_layers < self.model.n_layers:
+        if self.model.n_routed_experts % self.parallel.dp and self.model.has_moe:
             raise ValueError(f"model.n_routed_experts={self.model.n_routed_experts} must be a multiple of the "
                              f"expert-parallel size parallel.dp={self.parallel.dp}")
         if self.train.fp8 and self.model.dim % 128 and self.parallel.dp > 1 and self.train.fp8_dispatch:
             raise ValueError(f"FP8 dispatch needs model.dim a multiple of 128 (got {self.model.dim}); "
                              "set train.fp8_dispatch = false or change the width")
-        if self.model.tie_embeddings and self.parallel.pp > 1 and self.parallel.schedule in ("1f1b", "zb1p"):
-            raise ValueError("model.tie_embeddings needs the embedding and the head on one rank; with "
+        # what uses the embedding on the head's rank, and the setting that turns it off
+        shares = {"tie_embeddings": "false", "mtp_depth": "0"}
+        used = [n for n in shares if getattr(self.model, n)]
+        if used and self.parallel.pp > 1 and self.parallel.schedule in ("1f1b", "zb1p"):
+            raise ValueError(f"model.{used[0]} needs the embedding and the head on one rank; with "
                              f"{self.parallel.schedule} they are on the first and last pipeline rank: use "
-                             "dualpipev or dualpipe, or untie them")
+                             f"dualpipev or dualpipe, or set model.{used[0]} = {shares[used[0]]}")
+        if self.data.seq_len <= self.model.mtp_depth:
+            raise ValueError(f"data.seq_len={self.data.seq_len} leaves nothing to predict for model.mtp_depth="
+                             f"{self.model.mtp_depth}: lengthen the sequences or lower the depth")
