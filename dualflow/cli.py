@@ -1,4 +1,4 @@
-"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|tokenize|bench``.
+"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|tokenize|export-hf|bench``.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs, so ``dualflow info`` stays
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("dualflow.launcher.doctor", "preflight checks: driver, NCCL, NVLink, limits"),
     "train": ("dualflow.train.cli", "train the MoE model of a TOML config"),
     "tokenize": ("dualflow.train.tokenize_cmd", "tokenize text files into token shards (data.source = \"binary\")"),
+    "export-hf": ("dualflow.train.hf_io", "write a training checkpoint as a transformers DeepseekV3 checkpoint"),
     "bench": ("dualflow.utils.bench_cmd", "run a benchmark script of benchmarks/"),
 }
 
