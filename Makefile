@@ -26,7 +26,7 @@ endif
 
 $(STAMP)/python-dev: pyproject.toml scripts/bootstrap.sh
 	@mkdir -p $(STAMP)
-	scripts/bootstrap.sh python dev,mpi,plot
+	scripts/bootstrap.sh python dev,mpi,plot,hf
 	@touch $@
 
 $(STAMP)/python-run: pyproject.toml scripts/bootstrap.sh

@@ -10,6 +10,12 @@ rank; top-k ids and weights are not counted). Units as nccl-tests: algbw = bytes
 (n-1)/n (all-to-all), GB = 1e9 bytes; ``remote GB/s`` counts only the bytes that leave the rank (its
 own rows excluded), which is what DeepEP's NVLink figures measure. Times are the slowest rank's median;
 the backends and the peer of one token count are timed interleaved (run i of each, then run i + 1).
+
+``--limit-groups M`` adds DeepSeek-V3's group- (node-) limited routing beside the free top-k: the experts
+form ``--groups`` groups of consecutive ids (default: one per rank, so a group is a rank's experts; the
+number of nodes makes them nodes), a token's experts come from its M best groups
+(``dualflow.train.model.select_experts``), and ``bytes/token`` / ``remote bytes/token`` (rank 0's
+dispatch layout: bytes it sends per token, all destinations / other ranks only) show what the limit saves.
 Without torchrun the script starts its own ranks (``--ranks``, default 2) on gloo.
 """
 
@@ -36,9 +42,16 @@ FULL = dict(tokens=[512, 1024, 2048, 4096], hidden=7168, experts=256, topk=8)
 SMOKE = dict(tokens=[16, 64], hidden=256, experts=16, topk=4)
 
 
-def _routing(tokens: int, experts: int, topk: int, seed: int, device: torch.device) -> torch.Tensor:
+def _routing(tokens: int, experts: int, topk: int, seed: int, device: torch.device, groups: int = 1,
+             limit: int = 1) -> torch.Tensor:
+    """Uniformly random affinities; top-k of all experts, or of the ``limit`` best of ``groups`` groups."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(tokens, experts, generator=g).topk(topk, dim=1).indices.to(device)
+    scores = torch.rand(tokens, experts, generator=g)
+    if groups == 1:
+        return scores.topk(topk, dim=1).indices.to(device)
+    from dualflow.train.model import select_experts  # the training job's routing, loaded only for this
+
+    return select_experts(scores, topk, groups, limit).to(device)
 
 
 def _payload(tokens: int, hidden: int, device: torch.device):
@@ -54,10 +67,11 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return float(t)
 
 
-def _row(table, rows, *, backend, op, tokens, seconds, sent, remote, world, sms):
+def _row(table, rows, *, backend, op, routing, tokens, seconds, sent, remote, world, sms):
     algbw = sent / seconds / 1e9
-    row = dict(backend=backend, op=op, tokens=tokens, us=seconds * 1e6, **{"algbw GB/s": algbw,
-               "busbw GB/s": algbw * (world - 1) / world, "remote GB/s": remote / seconds / 1e9, "SMs": sms})
+    row = dict(backend=backend, op=op, routing=routing, tokens=tokens, us=seconds * 1e6, **{
+        "bytes/token": sent / tokens, "remote bytes/token": remote / tokens, "algbw GB/s": algbw,
+        "busbw GB/s": algbw * (world - 1) / world, "remote GB/s": remote / seconds / 1e9, "SMs": sms})
     table.add(**row)
     rows.append(row)
 
@@ -71,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
     warmup, repeat = (1, 3) if args.smoke else (5, args.repeat)
     on_gpu = device.type == "cuda"
     backends = args.backends.split(",") if args.backends else (["torch", "kernels"] if on_gpu else ["torch"])
-    table = Table(["backend", "op", "tokens", "us", "algbw GB/s", "busbw GB/s", "remote GB/s", "SMs"],
+    table = Table(["backend", "op", "routing", "tokens", "us", "bytes/token", "remote bytes/token", "algbw GB/s",
+                   "busbw GB/s", "remote GB/s", "SMs"],
                   title=f"MoE all-to-all, {world} ranks, hidden {hidden}, top-{topk} of {experts} experts, "
                         f"FP8 dispatch / BF16 combine ({torch.cuda.get_device_name() if on_gpu else 'cpu, gloo'})")
     rows: list[dict] = []
@@ -85,8 +100,15 @@ def run(args: argparse.Namespace) -> None:
             buffer = Buffer(None, hidden, max_tokens_per_rank=max(tokens_list), num_sms=sms, backend=backend,
                             kernel_config=KernelConfig(fp8=True, max_topk=topk))
             buffers[(buffer.backend, buffer.num_sms if buffer.backend == "kernels" else "-")] = buffer
-    for tokens in tokens_list:
-        idx = _routing(tokens, experts, topk, seed=rank, device=device)
+    groups = args.groups or world
+    routings = [(f"top-{topk}", 1, 1)]
+    if args.limit_groups:
+        if experts % groups or args.limit_groups > groups or topk > args.limit_groups * (experts // groups):
+            raise SystemExit(f"--limit-groups {args.limit_groups} of --groups {groups}: the {experts} experts must "
+                             f"split into the groups, and top-{topk} fit in {args.limit_groups} of them")
+        routings.append((f"{args.limit_groups} of {groups} groups", groups, args.limit_groups))
+    for tokens, (routing, n_group, limit) in ((t, r) for t in tokens_list for r in routings):
+        idx = _routing(tokens, experts, topk, seed=rank, device=device, groups=n_group, limit=limit)
         w = torch.rand(tokens, topk, device=device)
         x = _payload(tokens, hidden, device)
         per_rank = get_dispatch_layout(idx, experts, world).num_tokens_per_rank.tolist()
@@ -117,12 +139,12 @@ def run(args: argparse.Namespace) -> None:
                          device=device)
         for i, (name, op, row_bytes, sms, _) in enumerate(cases):
             seconds = _slowest(times[f"{i}"].median, device)
-            _row(table, rows, backend=name, op=op, tokens=tokens, seconds=seconds, sent=rows_sent * row_bytes,
-                 remote=rows_remote * row_bytes, world=world, sms=sms)
+            _row(table, rows, backend=name, op=op, routing=routing, tokens=tokens, seconds=seconds,
+                 sent=rows_sent * row_bytes, remote=rows_remote * row_bytes, world=world, sms=sms)
     table.print()
     if args.json:
         write_record(args.json, "moe_a2a", rows, world=world, hidden=hidden, experts=experts, topk=topk,
-                     num_sms=args.num_sms)
+                     num_sms=args.num_sms, groups=groups, limit_groups=args.limit_groups)
 
 
 def _spawn(ranks: int, argv: list[str]) -> int:
@@ -149,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-sms", default="20,24",
                         help="comma list of SM counts for the kernels backend, each measured (default 20,24)")
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per row (default 30)")
+    parser.add_argument("--limit-groups", type=int, default=0, metavar="M",
+                        help="also measure group-limited routing: each token's experts from its M best groups")
+    parser.add_argument("--groups", type=int, default=0,
+                        help="expert groups for --limit-groups (default: one per rank; nodes for node-limited)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
     args = parser.parse_args(argv)
     if "WORLD_SIZE" not in os.environ:

@@ -1,4 +1,5 @@
-"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|bench`` and ``dualflow --version``.
+"""The ``dualflow`` command: ``dualflow info|schedule|launch|doctor|train|tokenize|export-hf|bench`` and
+``dualflow --version``.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs, so ``dualflow info`` stays
@@ -20,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("dualflow.launcher.cli", "start a job through torchrun (single node, multi-node, SLURM)"),
     "doctor": ("dualflow.launcher.doctor", "preflight checks: driver, NCCL, NVLink, limits"),
     "train": ("dualflow.train.cli", "train the MoE model of a TOML config"),
+    "tokenize": ("dualflow.train.tokenize_cmd", "tokenize text files into token shards (data.source = \"binary\")"),
+    "export-hf": ("dualflow.train.hf_io", "write a training checkpoint as a transformers DeepseekV3 checkpoint"),
     "bench": ("dualflow.utils.bench_cmd", "run a benchmark script of benchmarks/"),
 }
 

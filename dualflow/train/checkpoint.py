@@ -45,7 +45,8 @@ from dualflow.train.checkpoint_metadata import DTYPES, MetadataReader, UnsafeChe
 from dualflow.utils.files import fsync_dir
 from dualflow.utils.logging import get_logger
 
-__all__ = ["FREE_BYTES_ENV", "CheckpointManager", "CheckpointSaveError", "UnsafeCheckpointError", "read_metadata"]
+__all__ = ["FREE_BYTES_ENV", "CheckpointManager", "CheckpointSaveError", "UnsafeCheckpointError", "read_metadata",
+           "read_model_state"]
 
 _STEP = re.compile(r"^(\.old-)?step-(\d{8})$")
 _log = get_logger("dualflow.train")
@@ -132,14 +133,17 @@ class CheckpointManager:
     """Saves and restores flat tensor dicts under ``root``; every rank of ``group`` takes part.
 
     ``free_bytes`` caps the space a save may use (default: ``$DUALFLOW_CHECKPOINT_FREE_BYTES``, else no
-    cap beyond the filesystem's free space).
+    cap beyond the filesystem's free space). ``files``: text files (name -> content) that rank 0 writes into
+    every checkpoint directory before it is published (the model's configuration, which readers of the
+    checkpoint need).
     """
 
     def __init__(self, root: str | Path, keep: int = 2, group: dist.ProcessGroup | None = None,
-                 free_bytes: int | None = None) -> None:
+                 free_bytes: int | None = None, files: dict[str, str] | None = None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep}: keep at least the latest checkpoint")
         self.root, self.keep, self.group = Path(root), keep, group
+        self.files = dict(files or {})
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.free_bytes = _free_limit(free_bytes)
 
@@ -217,6 +221,8 @@ class CheckpointManager:
         failed: OSError | None = None
         if self.rank == 0:
             try:
+                for name, text in self.files.items():
+                    (tmp / name).write_text(text)
                 self._publish(tmp, final)
             except OSError as exc:
                 failed = exc
@@ -370,3 +376,20 @@ class CheckpointManager:
         tables = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(tables, padded, group=self.group)
         return [h.tolist() for h in heads], [t[:n].cpu() for t, n in zip(tables, counts)]
+
+
+def read_model_state(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint ``path`` whose keys start with ``prefix`` (prefix removed), whole, in this
+    process (no process group): every shard of any pipeline/expert-parallel layout is read and assembled."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); give a step-NNNNNNNN directory")
+    metadata = read_metadata(path)  # once, through the restricted unpickler; DCP gets this object
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not state:
+        raise ValueError(f"{path} holds no tensor named {prefix}*; is it a checkpoint of the training job?")
+    dcp.load(state, storage_reader=MetadataReader(path, metadata), no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}

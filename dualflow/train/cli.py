@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="continue from the latest checkpoint in the run directory, if there is one")
     start.add_argument("--fresh", action="store_true",
                        help="start at step 0 even if the run directory holds checkpoints (they are deleted)")
+    parser.add_argument("--init-from-hf", type=Path, metavar="DIR",
+                        help="start from the weights of a transformers DeepseekV3 checkpoint directory (its widths "
+                             "must be the config's; a resumed checkpoint takes precedence)")
     add_config_arguments(parser, TrainConfig)
 
 
@@ -86,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
     # A worker group restarted by the launcher continues from its last checkpoint.
     resume = args.resume or restarted
     try:
-        summary = Trainer(cfg, device).train(resume=resume, fresh=args.fresh and not resume)
-    except (FileExistsError, UnsafeCheckpointError, CheckpointSaveError) as exc:
+        if args.init_from_hf is not None:
+            from dualflow.train.hf_io import check_widths
+
+            check_widths(args.init_from_hf, cfg.model)  # before any process group work
+        trainer = Trainer(cfg, device)
+        if args.init_from_hf is not None:
+            _init_from_hf(trainer, args.init_from_hf)
+        summary = trainer.train(resume=resume, fresh=args.fresh and not resume)
+    except (FileExistsError, FileNotFoundError, ValueError, UnsafeCheckpointError, CheckpointSaveError) as exc:
         print(f"dualflow train: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
@@ -105,3 +115,12 @@ def run(args: argparse.Namespace) -> int:
         print_rank0(f"done: step {summary.last_step}, validation loss {summary.val_losses[first]:.4f} (step {first}) "
                     f"-> {summary.val_losses[last]:.4f} (step {last}); checkpoint {summary.checkpoint}")
     return 0
+
+
+def _init_from_hf(trainer, folder: Path) -> None:
+    from dualflow.train.hf_io import load_for_training
+    from dualflow.utils.logging import print_rank0
+
+    state, notes = load_for_training(folder, trainer.cfg.model)
+    trainer.load_model_state(state, str(folder), optional=("mtp.",))
+    print_rank0(f"initialised from {folder}" + "".join(f"\n  note: {n}" for n in notes))

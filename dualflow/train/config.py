@@ -70,14 +70,21 @@ class TrainConfig:
         if local != int(local) or int(local) % chunks:
             problems.append(f"train.global_batch={run.global_batch} must split into parallel.dp={par.dp} ranks x "
                             f"parallel.microbatches={chunks} equal micro-batches")
-        if m.n_routed_experts % par.dp and m.n_dense_layers < m.n_layers:
+        if m.n_routed_experts % par.dp and m.has_moe:
             problems.append(f"model.n_routed_experts={m.n_routed_experts} must be a multiple of the expert-parallel "
                             f"size parallel.dp={par.dp}")
         if run.fp8 and m.dim % 128 and par.dp > 1 and run.fp8_dispatch:
             problems.append(f"FP8 dispatch needs model.dim a multiple of 128 (got {m.dim}); set "
                             "train.fp8_dispatch = false or change the width")
-        if m.tie_embeddings and par.pp > 1 and par.schedule in ("1f1b", "zb1p"):
-            problems.append(f"model.tie_embeddings needs the embedding and the head on one rank; with {par.schedule} "
-                            "they are on the first and last pipeline rank: use dualpipev or dualpipe, or untie them")
+        # what uses the embedding on the head's rank, and the setting that turns it off
+        shares = {"tie_embeddings": "false", "mtp_depth": "0"}
+        used = [n for n in shares if getattr(m, n)]
+        if used and par.pp > 1 and par.schedule in ("1f1b", "zb1p"):
+            problems.append(f"model.{used[0]} needs the embedding and the head on one rank; with {par.schedule} "
+                            f"they are on the first and last pipeline rank: use dualpipev or dualpipe, or set "
+                            f"model.{used[0]} = {shares[used[0]]}")
+        if self.data.seq_len <= m.mtp_depth:
+            problems.append(f"data.seq_len={self.data.seq_len} leaves nothing to predict for model.mtp_depth="
+                            f"{m.mtp_depth}: lengthen the sequences or lower the depth")
         if problems:
             raise ConfigError(problems, "invalid training config")

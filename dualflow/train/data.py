@@ -4,11 +4,15 @@ Sources (``DataConfig.source``):
 - ``stdlib``: byte-level tokens of the Python standard library's ``.py`` files, read at run time from the
   running interpreter (always on the machine, nothing to download). Files are taken in sorted order up
   to ``max_bytes``;
-- ``text``: the user's text files (paths or glob patterns), byte-level;
-- ``binary``: one pre-tokenised file of little-endian ``uint16`` ids, memory-mapped.
+- ``text``: the user's text files (paths or glob patterns), byte-level, or tokenised at start-up with a
+  local ``tokenizer.json`` (``data.tokenizer``, the ``tokenizers`` package);
+- ``binary``: pre-tokenised token files, ``uint16`` or ``uint32``, one or many shards (paths or glob
+  patterns), memory-mapped: raw arrays (nanoGPT's train.bin/val.bin; ``data.dtype`` says which width) or
+  shards with the llm.c header (``dualflow tokenize`` writes those); see ``dualflow.train.token_files``.
 
-Text documents are joined with a 0 byte. Each document (the binary file counts as one) gives its last
-``val_fraction`` to the validation stream, so both streams see every kind of text.
+Text documents are joined with a 0 byte (tokenised: with ``data.eos_token``, if given). Each document
+(each token file) gives its last ``val_fraction`` to the validation stream, so both streams see every kind
+of text, unless ``data.val_paths`` names separate validation token files.
 
 The loader cuts a stream into windows of ``seq_len + 1`` tokens at stride ``seq_len`` and visits them in
 a fresh permutation per epoch (seeded by ``(seed, epoch)``). A global batch is the next
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from dualflow.launcher.config import ConfigError, OneOf, Range, check_fields
+from dualflow.train.token_files import DTYPES, TokenStream, load_tokenizer, read_tokens, token_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,24 +43,40 @@ class DataConfig:
     val_fraction: float = 0.05
     seq_len: int = 64
     seed: int = 1234
+    # binary: separate validation files, and the id width of raw files (shards with a header say theirs)
+    val_paths: tuple[str, ...] = ()
+    dtype: str = "uint16"
+    # text: a local tokenizer.json (empty: bytes) and the token that ends each document (empty: none)
+    tokenizer: str = ""
+    eos_token: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "data", source=OneOf("stdlib", "text", "binary"), max_bytes=Range(ge=1),
-                     val_fraction=Range(gt=0, lt=1), seq_len=Range(ge=1), seed=Range(ge=0, lt=2**63))
+                     val_fraction=Range(gt=0, lt=1), seq_len=Range(ge=1), seed=Range(ge=0, lt=2**63),
+                     dtype=OneOf(*sorted(DTYPES)))
         if self.source != "stdlib" and not self.paths:
             raise ConfigError([f"data.paths: data.source={self.source!r} needs files or glob patterns, got none"],
                               "invalid data config")
-        if self.source == "binary" and len(self.paths) != 1:
-            raise ConfigError([f"data.paths: data.source='binary' reads one file, got {len(self.paths)} paths"],
-                              "invalid data config")
+        problems = []
+        if self.val_paths and self.source != "binary":
+            problems.append("data.val_paths: read with data.source = 'binary' only; text sources take "
+                            "data.val_fraction of each document")
+        if (self.tokenizer or self.eos_token) and self.source != "text":
+            problems.append(f"data.tokenizer and data.eos_token apply to data.source = 'text' (got {self.source!r}); "
+                            "pre-tokenise with `dualflow tokenize` for 'binary'")
+        if self.eos_token and not self.tokenizer:
+            problems.append("data.eos_token: needs data.tokenizer (byte-level text ends documents with a 0 byte)")
+        if problems:
+            raise ConfigError(problems, "invalid data config")
 
 
 @dataclasses.dataclass(frozen=True)
 class Streams:
-    """The train and validation token streams (1-D integer arrays) and the largest token id + 1 bound."""
+    """The train and validation token streams (1-D integer arrays, or :class:`TokenStream` over several
+    files) and the largest token id + 1 bound."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | TokenStream
+    val: np.ndarray | TokenStream
     vocab_bound: int
 
 
@@ -92,15 +113,37 @@ def _split_documents(docs: list[bytes], val_fraction: float) -> Streams:
                    256)
 
 
+def _tokenized(docs: list[bytes], cfg: DataConfig) -> Streams:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    end = [token_id(tokenizer, cfg.eos_token)] if cfg.eos_token else []
+    train: list[int] = []
+    val: list[int] = []
+    for enc in tokenizer.encode_batch([d.decode("utf-8", errors="replace") for d in docs]):
+        cut = len(enc.ids) - int(len(enc.ids) * cfg.val_fraction)
+        train += enc.ids[:cut] + end
+        val += enc.ids[cut:] + end
+    return Streams(np.array(train, dtype=np.uint32), np.array(val, dtype=np.uint32), tokenizer.get_vocab_size())
+
+
+def _stream(parts: list[np.ndarray]) -> np.ndarray | TokenStream:
+    return parts[0] if len(parts) == 1 else TokenStream(parts)
+
+
+def _token_files(cfg: DataConfig) -> Streams:
+    arrays = [read_tokens(f, cfg.dtype) for f in _expand(cfg.paths)]
+    if cfg.val_paths:
+        train, val = arrays, [read_tokens(f, cfg.dtype) for f in _expand(cfg.val_paths)]
+    else:
+        cuts = [len(a) - int(len(a) * cfg.val_fraction) for a in arrays]
+        train, val = [a[:c] for a, c in zip(arrays, cuts)], [a[c:] for a, c in zip(arrays, cuts)]
+    width = max(a.dtype.itemsize for a in arrays + val)
+    return Streams(_stream(train), _stream(val), 1 << (8 * width))
+
+
 def load_streams(cfg: DataConfig) -> Streams:
     """Read the configured source into train/validation streams."""
     if cfg.source == "binary":
-        path = Path(cfg.paths[0])
-        if not path.is_file() or path.stat().st_size % 2:
-            raise ValueError(f"{path}: expected an existing file of uint16 token ids (an even number of bytes)")
-        tokens = np.memmap(path, dtype="<u2", mode="r")
-        cut = len(tokens) - int(len(tokens) * cfg.val_fraction)
-        return Streams(tokens[:cut], tokens[cut:], 1 << 16)
+        return _token_files(cfg)
     files = stdlib_files() if cfg.source == "stdlib" else _expand(cfg.paths)
     docs, total = [], 0
     for f in files:
@@ -109,13 +152,13 @@ def load_streams(cfg: DataConfig) -> Streams:
         data = f.read_bytes()[: cfg.max_bytes - total]
         docs.append(data)
         total += len(data)
-    return _split_documents(docs, cfg.val_fraction)
+    return _tokenized(docs, cfg) if cfg.tokenizer else _split_documents(docs, cfg.val_fraction)
 
 
 class BatchLoader:
     """Deterministic global batches of ``[inputs, labels]``, this data-parallel rank's slice of each."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, *, dp_rank: int = 0,
+    def __init__(self, tokens: np.ndarray | TokenStream, seq_len: int, global_batch: int, *, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None) -> None:
         if global_batch % dp_size:
             raise ValueError(f"global batch {global_batch} does not split over {dp_size} data-parallel ranks; "
@@ -158,8 +201,8 @@ class BatchLoader:
         self.position = int(state["position"])
 
 
-def validation_batches(tokens: np.ndarray, seq_len: int, batch: int, num_batches: int, *, dp_rank: int = 0,
-                       dp_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def validation_batches(tokens: np.ndarray | TokenStream, seq_len: int, batch: int, num_batches: int, *,
+                       dp_rank: int = 0, dp_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: ``num_batches`` global batches of windows spread evenly over the stream.
 
     Returns this rank's slices. The same windows every call, so validation losses are comparable.

@@ -100,6 +100,9 @@ class MetricsLog:
             parts = [f"step {step:>5}/{self.total} {progress_bar(step, self.total)}", f"loss {record['loss']:.4f}"]
             if "val_loss" in record:
                 parts.append(f"val {record['val_loss']:.4f}")
+            mtp = [v for k, v in record.items() if k.startswith("mtp_loss_")]
+            if mtp:  # multi-token prediction: each depth's loss
+                parts.append("mtp " + "/".join(f"{v:.4f}" for v in mtp))
             parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"{record['step_time_s'] * 1e3:.0f} ms/step",
                       f"lr {record['lr']:.2e}", f"load max/mean {record['expert_load_max_over_mean']:.2f}",
                       f"mem {record['peak_memory_mb']:.0f} MB"]

@@ -80,6 +80,18 @@ class ModelConfig:
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
+    # group-limited routing (DeepSeek-V3): the routed experts form n_group groups of consecutive ids, a group
+    # scores the sum of its two largest affinity + bias, and a token takes its top_k experts within the
+    # topk_group best groups. group_by = "ep_ranks" or "nodes" makes the groups the expert-parallel ranks'
+    # (or nodes') experts, set when the job starts (resolve_groups): each token then travels to at most
+    # topk_group ranks (nodes), DeepSeek-V3's node-limited routing.
+    n_group: int = 1
+    topk_group: int = 1
+    group_by: str = "experts"
+    # multi-token prediction (DeepSeek-V3 section 2.2, dualflow.train.mtp): mtp_depth sequential modules on
+    # the stage holding the head; training loss = main loss + mtp_loss_weight x mean of their losses.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         check_fields(self, "model", vocab_size=Range(ge=1), dim=Range(ge=1), n_layers=Range(ge=1),
@@ -88,7 +100,9 @@ class ModelConfig:
                      top_k=Range(ge=1), routed_scale=Range(gt=0), bias_update_speed=Range(ge=0, note="0: fixed biases"),
                      rope_theta=Range(gt=0), norm_eps=Range(gt=0), init_std=Range(gt=0), attention=OneOf("mha", "mla"),
                      q_lora_rank=Range(ge=0, note="0: no query latent"), kv_lora_rank=Range(ge=1),
-                     qk_nope_head_dim=Range(ge=1), qk_rope_head_dim=Range(ge=2), v_head_dim=Range(ge=1))
+                     qk_nope_head_dim=Range(ge=1), qk_rope_head_dim=Range(ge=2), v_head_dim=Range(ge=1),
+                     n_group=Range(ge=1), topk_group=Range(ge=1), group_by=OneOf("experts", "ep_ranks", "nodes"),
+                     mtp_depth=Range(ge=0, note="0: no multi-token prediction"), mtp_loss_weight=Range(gt=0))
         problems = []
         if self.attention == "mha" and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
             problems.append(f"model.dim={self.dim} must split into model.n_heads={self.n_heads} heads of even size")
@@ -99,11 +113,51 @@ class ModelConfig:
                             f"model.n_layers={self.n_layers}")
         if self.n_dense_layers < self.n_layers and self.top_k > self.n_routed_experts:
             problems.append(f"model.top_k={self.top_k} must not exceed model.n_routed_experts={self.n_routed_experts}")
+        problems += self._routing_problems()
         if problems:
             raise ConfigError(problems, "invalid model config")
 
+    def _routing_problems(self) -> list[str]:
+        if self.group_by != "experts":  # n_group comes from the layout (resolve_groups), checked then
+            return []
+        if self.topk_group > self.n_group:
+            return [f"model.topk_group={self.topk_group} must not exceed model.n_group={self.n_group}"]
+        if self.n_group == 1 or not self.has_moe:
+            return []
+        size = self.n_routed_experts // self.n_group
+        if self.n_routed_experts % self.n_group or size < 2:
+            return [f"model.n_routed_experts={self.n_routed_experts} must split into model.n_group={self.n_group} "
+                    "groups of at least 2 experts (a group scores the sum of its two best)"]
+        if self.top_k > self.topk_group * size:
+            return [f"model.top_k={self.top_k} exceeds the {self.topk_group * size} experts of model.topk_group="
+                    f"{self.topk_group} groups of {size}: raise model.topk_group or lower model.top_k"]
+        return []
+
+    @property
+    def has_moe(self) -> bool:
+        """Whether any layer (multi-token prediction's included) is a mixture-of-experts layer."""
+        return any(self.is_moe(i) for i in range(self.n_layers + self.mtp_depth))
+
     def is_moe(self, layer: int) -> bool:
+        """Layer ``layer`` is MoE (ids from n_layers on are the multi-token prediction modules' layers)."""
         return layer >= self.n_dense_layers
+
+    def resolve_groups(self, ep_size: int, ranks_per_node: int) -> ModelConfig:
+        """This config with ``group_by`` turned into ``n_group`` for an expert-parallel group of ``ep_size``
+        consecutive ranks, ``ranks_per_node`` of them per node (experts are placed in rank order);
+        ``topk_group`` is capped at that ``n_group`` (one node: no limit to apply)."""
+        if self.group_by == "experts":
+            return self
+        n = ep_size
+        if self.group_by == "nodes":
+            if ep_size > ranks_per_node and ep_size % ranks_per_node:
+                raise ValueError(f"model.group_by='nodes': the {ep_size} expert-parallel ranks do not fill whole "
+                                 f"nodes of {ranks_per_node} ranks; use group_by='ep_ranks' or another layout")
+            n = max(1, ep_size // ranks_per_node)
+        if self.n_group not in (1, n):
+            raise ValueError(f"model.group_by={self.group_by!r} makes n_group={n}, but model.n_group="
+                             f"{self.n_group} is set: leave n_group at 1 or use group_by='experts'")
+        return dataclasses.replace(self, n_group=n, topk_group=min(self.topk_group, n), group_by="experts")
 
     def attention_weights(self) -> int:
         """Weights of one layer's attention projections (its norms not included)."""
@@ -124,16 +178,17 @@ class ModelConfig:
         return (self.n_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim), self.n_heads * self.v_head_dim)
 
     def num_params(self, active: bool = False) -> int:
-        """Parameter count (``active``: those one token uses, i.e. only ``top_k`` routed experts)."""
+        """Parameter count (``active``: those one token uses, i.e. only ``top_k`` routed experts), the
+        multi-token prediction modules included (each: three norms, a 2*dim x dim projection, a layer)."""
         latent_norms = (self.q_lora_rank + self.kv_lora_rank) if self.attention == "mla" else 0
         d, attn = self.dim, self.attention_weights() + 2 * self.dim + latent_norms
         expert = 3 * d * self.expert_hidden
         routed = self.top_k if active else self.n_routed_experts
         moe = attn + self.n_shared_experts * expert + routed * expert + self.n_routed_experts * d
         dense = attn + 3 * d * self.dense_hidden
-        n_moe = self.n_layers - self.n_dense_layers
+        layers = sum(moe if self.is_moe(i) else dense for i in range(self.n_layers + self.mtp_depth))
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return embed + d + self.n_dense_layers * dense + n_moe * moe
+        return embed + d + layers + self.mtp_depth * (3 * d + 2 * d * d)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -250,8 +305,24 @@ class MLP(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+def select_experts(biased: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
+    """Ids of the ``top_k`` largest entries of ``biased`` [tokens, experts] (affinity + bias), in descending order.
+
+    With ``n_group > 1`` (DeepSeek-V3's group-limited routing) the experts form ``n_group`` groups of
+    consecutive ids, each scored by the sum of its two largest entries, and only the ``topk_group`` best
+    groups of a token compete: the others are set to -inf before the top-k.
+    """
+    if n_group > 1:
+        groups = biased.unflatten(-1, (n_group, -1))
+        best = groups.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+        dropped = torch.ones(groups.shape[:-1], dtype=torch.bool, device=biased.device).scatter_(-1, best, False)
+        biased = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(-2)
+    return torch.topk(biased, top_k, dim=-1, sorted=True).indices
+
+
 class Router(nn.Module):
-    """Sigmoid affinities, top-k selection on affinity + balancing bias, weights normalised over the top-k.
+    """Sigmoid affinities, top-k selection on affinity + balancing bias (optionally group-limited, see
+    :func:`select_experts`), weights normalised over the top-k.
 
     The gate runs in FP32 whatever the surrounding precision (the recipe keeps gating in high precision).
     ``bias`` only changes which experts are selected, never the weights; ``load`` counts the tokens each
@@ -260,7 +331,11 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.group_by != "experts":
+            raise ValueError(f"model.group_by={cfg.group_by!r} takes n_group from the parallel layout: build the "
+                             "model from cfg.resolve_groups(ep_size, ranks_per_node) (the trainer does)")
         self.top_k, self.scale, self.speed = cfg.top_k, cfg.routed_scale, cfg.bias_update_speed
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -268,7 +343,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             scores = torch.sigmoid(F.linear(_at_least_fp32(x), self.weight))
-            idx = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1, sorted=True).indices
+            idx = select_experts(scores.detach() + self.bias, self.top_k, self.n_group, self.topk_group)
             chosen = scores.gather(-1, idx)
             weights = chosen / chosen.sum(-1, keepdim=True) * self.scale
         if self.training and torch.is_grad_enabled():  # a scatter-add: bincount would sync with the host
@@ -366,6 +441,10 @@ class Stage(nn.Module):
     ``expert_ids`` selects the routed experts this rank hosts (all of them without expert parallelism).
     Input: token ids [batch, seq] on the first stage, hidden states [batch, seq, dim] elsewhere.
     Output: logits [batch, seq, vocab] on the last stage, hidden states elsewhere.
+
+    With multi-token prediction (``cfg.mtp_depth > 0``, dualflow.train.mtp) the last stage also holds its
+    modules and returns the main logits followed by each depth's along the sequence; a stage that is not
+    the first then takes ``(hidden, token ids)``, and one that is not the last returns them.
     """
 
     def __init__(self, cfg: ModelConfig, layer_ids: Iterable[int], *, first: bool, last: bool,
@@ -378,28 +457,54 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): Layer(cfg, i, experts) for i in layer_ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if last else None
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
-        # A tied head borrows the embedding of this stage or of the first stage held by the same rank;
-        # it is kept out of the submodules so the parameter has one owner (and one name).
-        self._tied = [self.embed or tied_embed] if last and cfg.tie_embeddings else []
-        if self._tied and self._tied[0] is None:
-            raise ValueError("tie_embeddings needs the embedding on the rank that holds the head: pass the "
-                             "first stage's embedding as tied_embed, set tie_embeddings = false, or use a "
-                             "schedule that places the first and last stage on one rank (DualPipe, DualPipeV)")
+        self.mtp: Any = None
+        if last and cfg.mtp_depth:
+            from dualflow.train.mtp import MultiTokenPrediction
+
+            self.mtp = MultiTokenPrediction(cfg, experts)
+        # A tied head and multi-token prediction use the embedding of this stage or of the first stage held
+        # by the same rank (``tied_embed``); it is kept out of the submodules so that the parameter has one
+        # owner (and one name).
+        self._shared_embed = [self.embed or tied_embed] if last and (cfg.tie_embeddings or cfg.mtp_depth) else []
+        if self._shared_embed and self._shared_embed[0] is None:
+            raise ValueError("tie_embeddings and mtp_depth > 0 need the embedding on the rank that holds the head: "
+                             "pass the first stage's embedding as tied_embed, or use a schedule that places the "
+                             "first and last stage on one rank (DualPipe, DualPipeV); otherwise set "
+                             "tie_embeddings = false and mtp_depth = 0")
+
+    def all_layers(self) -> list[Layer]:
+        """The stage's layers, those of its multi-token prediction modules included."""
+        return list(self.layers.values()) + (self.mtp.layers() if self.mtp is not None else [])
 
     def set_exchange(self, exchange: Exchange) -> None:
         """Route every MoE layer's tokens through ``exchange``."""
-        for layer in self.layers.values():
+        for layer in self.all_layers():
             layer.exchange = exchange
 
     def moe_routers(self) -> dict[int, Router]:
-        return {layer.layer_id: layer.moe.gate for layer in self.layers.values() if layer.moe is not None}
+        return {layer.layer_id: layer.moe.gate for layer in self.all_layers() if layer.moe is not None}
 
     def phase_embed(self, s: State) -> State:
-        return {"x": self.embed(s["x"]).to(self.compute_dtype)}
+        if self.mtp is not None:  # the ids ahead are embedded in the same lookup
+            from dualflow.train.mtp import embed_ahead
+
+            return embed_ahead(self.embed, s["x"], self.cfg.mtp_depth, self.compute_dtype, main=True,
+                               tied_head=self.cfg.tie_embeddings)
+        out = {"x": self.embed(s["x"]).to(self.compute_dtype)}
+        if self.cfg.mtp_depth:  # a first stage of a pipeline: the ids travel on to the last stage
+            out["mtp_tokens"] = s["x"]
+        return out
+
+    def phase_embed_ahead(self, s: State) -> State:
+        from dualflow.train.mtp import embed_ahead
+
+        ahead = embed_ahead(self._shared_embed[0], s["mtp_tokens"], self.cfg.mtp_depth, self.compute_dtype,
+                            main=False, tied_head=self.cfg.tie_embeddings)
+        return {"x": s["x"], **ahead}
 
     def phase_head(self, s: State) -> State:
-        x = self.norm(s["x"])
-        weight = self.head.weight if self.head is not None else self._tied[0].weight
+        x = self.norm(s["x"]) if self.mtp is None else torch.cat([self.norm(s["mtp_h0"]), *self.mtp.normed(s)], 1)
+        weight = self.head.weight if self.head is not None else s.get("mtp_head", self._shared_embed[0].weight)
         return {"x": _at_least_fp32(F.linear(x, weight))}
 
     def phases(self) -> list[Phase]:
@@ -407,10 +512,37 @@ class Stage(nn.Module):
         out = [Phase("compute", "embed", self.phase_embed, (self.embed,))] if self.first else []
         for layer in self.layers.values():
             out += layer.phases()
+        if self.mtp is not None:
+            if not self.first:
+                out.append(Phase("compute", "mtp.embed", self.phase_embed_ahead, (self._shared_embed[0],)))
+            out += self.mtp.phases()
+        if self.cfg.mtp_depth:
+            from dualflow.train.mtp import carrying
+
+            out = [carrying(p) for p in out]
         if self.last:
-            head = self.head if self.head is not None else self._tied[0]
-            out.append(Phase("compute", "head", self.phase_head, (self.norm, head)))
+            if self.head is not None:
+                head: tuple[nn.Module, ...] = (self.head,)
+            else:  # tied; with multi-token prediction its weight comes through the state (mtp.embed_ahead)
+                head = () if self.mtp is not None else (self._shared_embed[0],)
+            norms = tuple(m.norm for m in self.mtp.values()) if self.mtp is not None else ()
+            out.append(Phase("compute", "head", self.phase_head, (self.norm, *head, *norms)))
         return out
+
+    def input_state(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> State:
+        """The state the first phase reads: ``x``, and the token ids a later stage with MTP needs."""
+        if not self.cfg.mtp_depth or self.first:
+            return {"x": x}
+        if tokens is None:
+            raise ValueError("with model.mtp_depth > 0 a stage after the first takes (hidden states, token ids): "
+                             "pass the ids the previous stage returned beside its hidden states")
+        return {"x": x, "mtp_tokens": tokens}
+
+    def output(self, s: State) -> Any:
+        """The stage's output from the last phase's state: ``x``, with the token ids before the last stage."""
+        if "mtp_tokens" in s and not self.last:  # a copy: a stage output must not alias its input
+            return s["x"], s["mtp_tokens"].clone()
+        return s["x"]
 
     def autocast(self, device: torch.device) -> Any:
         # no weight-cast cache: each weight is cast once per forward anyway, and a CUDA-graph capture of the
@@ -418,12 +550,12 @@ class Stage(nn.Module):
         return torch.autocast(device.type, dtype=self.compute_dtype,
                               enabled=self.compute_dtype in (torch.bfloat16, torch.float16), cache_enabled=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state: State = {"x": x}
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> Any:
+        state = self.input_state(x, tokens)
         with self.autocast(x.device):
             for phase in self.phases():
                 state = phase.fn(state)
-        return state["x"]
+        return self.output(state)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -30,9 +30,11 @@ def layer_flops(cfg: ModelConfig, layer: int, seq_len: int) -> float:
 
 
 def stage_costs(cfg: ModelConfig, seq_len: int) -> tuple[float, list[float], float]:
-    """(embedding, per-layer, head) forward FLOPs per token."""
+    """(embedding, per-layer, head) forward FLOPs per token; the head's share includes the multi-token
+    prediction modules on its stage (each: a 2*dim x dim projection, a layer, the head again)."""
+    mtp = sum(4.0 * cfg.dim ** 2 + layer_flops(cfg, cfg.n_layers + k, seq_len) for k in range(cfg.mtp_depth))
     return (2.0 * cfg.dim, [layer_flops(cfg, i, seq_len) for i in range(cfg.n_layers)],
-            2.0 * cfg.dim * cfg.vocab_size)
+            2.0 * cfg.dim * cfg.vocab_size * (1 + cfg.mtp_depth) + mtp)
 
 
 def balanced_partition(layer_costs: list[float], n_stages: int, first_extra: float = 0.0,

@@ -12,7 +12,8 @@ import torch
 
 from dualflow.dualpipe import DualPipe, DualPipeV
 from dualflow.dualpipe import PipelineEngine as Runtime
-from dualflow.train.model import Stage, cross_entropy
+from dualflow.train.model import Stage
+from dualflow.train.mtp import Objective
 from dualflow.train.parallel import ParallelConfig, ParallelLayout
 from dualflow.train.stage import OverlappedStage, PipelineStage
 
@@ -20,7 +21,8 @@ from dualflow.train.stage import OverlappedStage, PipelineStage
 class PipelinedEngine:
     """Runs one global step's micro-batches through the pipeline runtime (see engine.py for the contract)."""
 
-    def __init__(self, stages: list[Stage], layout: ParallelLayout, cfg: ParallelConfig, loss_scale: float) -> None:
+    def __init__(self, stages: list[Stage], layout: ParallelLayout, cfg: ParallelConfig, loss_scale: float,
+                 objective: Objective | None = None) -> None:
         wrap = OverlappedStage if cfg.overlap else PipelineStage
         self.modules = [wrap(s) for s in stages]
         if cfg.overlap and layout.device.type == "cuda":
@@ -28,6 +30,7 @@ class PipelinedEngine:
             for m in self.modules:
                 m.comm_stream = stream
         self.cfg, self.layout, self.scale = cfg, layout, loss_scale
+        self.objective = objective or Objective(stages[0].cfg)
         if cfg.schedule == "dualpipev":
             self.runtime: Runtime = DualPipeV(tuple(self.modules), process_group=layout.pp_group)
         elif cfg.schedule == "dualpipe":  # the runtime sums the gradients of the two copies of each stage
@@ -52,8 +55,8 @@ class PipelinedEngine:
         raw: list[torch.Tensor] = []
 
         def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            loss = cross_entropy(logits, y)
-            raw.append(loss.detach())
+            loss, main = self.objective(logits, y)
+            raw.append(main.detach())
             return loss * self.scale
 
         x, y = self._feeds(inputs, labels)

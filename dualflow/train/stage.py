@@ -46,8 +46,10 @@ class _Record:
     gradient enters the graph (``output``).
     """
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.input = x  # the stage input: a leaf when the stage before it is elsewhere (or on another chunk)
+    def __init__(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        # the stage inputs: leaves when the stage before is elsewhere (or on another chunk); the hidden state
+        # first, then, with multi-token prediction, the token ids
+        self.inputs = inputs
         self.steps: list[tuple[Phase, list[tuple[torch.Tensor, torch.Tensor]], State]] = []
         self.output: GradientEdge | None = None
         self.hook: Any = None
@@ -68,7 +70,7 @@ class _Backward:
         # id -> (tensor, gradient); the tensor is held so that its id cannot be reused meanwhile
         self.grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.inputs = [record.input] if _differentiable(record.input) else []
+        self.inputs = [t for t in record.inputs if _differentiable(t)]
 
     @staticmethod
     def _add(store: dict, t: torch.Tensor, g: torch.Tensor | None) -> None:
@@ -131,11 +133,11 @@ class _Backward:
 class _Forward:
     """Runs a stage's forward one phase at a time, recording it when gradients are on."""
 
-    def __init__(self, stage: Stage, x: torch.Tensor, record: _Record | None) -> None:
+    def __init__(self, stage: Stage, inputs: tuple[torch.Tensor, ...], record: _Record | None) -> None:
         self.stage, self.record = stage, record
         self.phases = deque(stage.phases())
-        self.state: State = {"x": x}
-        self.device = x.device
+        self.state: State = stage.input_state(*inputs)
+        self.device = inputs[0].device
 
     def peek(self) -> str | None:
         return self.phases[0].kind if self.phases else None
@@ -157,8 +159,8 @@ class _Forward:
         return [v for v in self.state.values() if isinstance(v, torch.Tensor)]
 
     @property
-    def output(self) -> torch.Tensor:
-        return self.state["x"]
+    def output(self) -> Any:
+        return self.stage.output(self.state)
 
 
 class PipelineStage(nn.Module):
@@ -168,8 +170,8 @@ class PipelineStage(nn.Module):
         super().__init__()
         self.stage = stage
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage(x)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.stage(*inputs)
 
 
 class OverlappedStage(PipelineStage):
@@ -181,17 +183,18 @@ class OverlappedStage(PipelineStage):
         self.comm_stream: Any = None  # on CUDA, set by the engine: where communication phases run
         self.interleaved = self.fallbacks = 0  # F&B pairs run phase by phase / with autograd's backward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fwd = self.start_forward(x)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        fwd = self.start_forward(*inputs)
         while fwd.peek() is not None:
             fwd.run_next()
         return self.finish_forward(fwd)
 
-    def start_forward(self, x: torch.Tensor) -> _Forward:
-        return _Forward(self.stage, x, _Record(x) if torch.is_grad_enabled() else None)
+    def start_forward(self, *inputs: torch.Tensor) -> _Forward:
+        return _Forward(self.stage, inputs, _Record(inputs) if torch.is_grad_enabled() else None)
 
-    def finish_forward(self, fwd: _Forward) -> torch.Tensor:
-        out = fwd.output
+    def finish_forward(self, fwd: _Forward) -> Any:
+        output = fwd.output
+        out = output[0] if isinstance(output, tuple) else output  # the differentiable one (then token ids)
         record = fwd.record
         if record is not None and out.requires_grad:
             phase, bounds, state = record.steps[-1]
@@ -206,7 +209,7 @@ class OverlappedStage(PipelineStage):
 
             record.hook = node.register_prehook(drop)
             records[node] = record
-        return out
+        return output
 
     def _take_record(self, node: Any) -> _Record | None:
         record = self._records.pop(node, None)
@@ -264,7 +267,8 @@ class OverlappedStage(PipelineStage):
             bwd = _Backward(record, grad)
             _interleave(fwd, bwd, module0.comm_stream)
             bwd.finish()
-        outputs0 = [module0.finish_forward(fwd)]
+        out0 = module0.finish_forward(fwd)
+        outputs0 = list(out0) if isinstance(out0, tuple) else [out0]
         loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
         return outputs0, loss0
 

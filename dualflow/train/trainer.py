@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dualflow.launcher.config import to_toml
 from dualflow.train.checkpoint import CheckpointManager
 from dualflow.train.config import TrainConfig
 from dualflow.train.data import BatchLoader, load_streams, validation_batches
@@ -28,6 +30,7 @@ from dualflow.train.engine import Engine, LocalEngine
 from dualflow.train.experts import GroupedExperts, per_expert_views
 from dualflow.train.metrics import MetricsLog, peak_flops, peak_memory_mb
 from dualflow.train.model import Stage
+from dualflow.train.mtp import Objective
 from dualflow.train.optim import AdamW, learning_rate
 from dualflow.train.parallel import (
     ParallelLayout,
@@ -89,7 +92,9 @@ class Trainer:
     """A training run of ``cfg`` on this process (call on every rank; the process group is already up)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device | None = None, engine: Engine | None = None) -> None:
-        self.cfg = cfg
+        # routing groups aligned with expert-parallel ranks or nodes take their number from the layout
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or cfg.parallel.world)
+        self.cfg = cfg = dataclasses.replace(cfg, model=cfg.model.resolve_groups(cfg.parallel.dp, local))
         self.device = device or torch.device("cpu")
         self.topo = topo = ParallelLayout.build(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed + topo.rank)
@@ -103,6 +108,8 @@ class Trainer:
                                       dp_rank=topo.dp_rank, dp_size=par.dp)
         self.stages = build_stages(cfg, topo)
         self.fp8_experts: list[GroupedExperts] = []
+        self.objective = Objective(cfg.model)
+        self.val_metrics: dict[str, float] = {}
         self.fp8_report = self._setup_fp8() if run.fp8 else None
         self._setup_exchange()
         self.engine = engine or self._build_engine()
@@ -115,8 +122,9 @@ class Trainer:
         owned = [n for n in self.params if self.owners.get(n, topo.dp_rank) == topo.dp_rank]
         self.optimizer = AdamW(self.params, cfg.optim, owned)
         self.routers = {lid: r for stage in self.stages for lid, r in stage.moe_routers().items()}
+        # the model's shape beside its weights in every checkpoint: what `dualflow export-hf` reads
         self.checkpoints = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
-                                             cfg.checkpoint.keep)
+                                             cfg.checkpoint.keep, files={"model.toml": to_toml(cfg.model)})
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.resumed_from: int | None = None
@@ -151,7 +159,7 @@ class Trainer:
         par = self.cfg.parallel
         scale = 1.0 / (par.microbatches * par.dp)
         if par.pp == 1:
-            local = LocalEngine(self.stages[0], par.microbatches, scale)
+            local = LocalEngine(self.stages[0], par.microbatches, scale, self.objective)
             why_not = self._why_no_graph()
             if why_not is None:
                 from dualflow.train.graphs import GraphedEngine
@@ -162,7 +170,7 @@ class Trainer:
             return local
         from dualflow.train.pipeline import PipelinedEngine
 
-        return PipelinedEngine(self.stages, self.topo, par, scale)
+        return PipelinedEngine(self.stages, self.topo, par, scale, self.objective)
 
     def _why_no_graph(self) -> str | None:
         par = self.cfg.parallel
@@ -173,6 +181,9 @@ class Trainer:
         if par.pp > 1 or par.dp > 1:
             return (f"parallel.pp={par.pp}, parallel.dp={par.dp}: pipeline and expert-parallel exchanges wait on "
                     "the host; graphs need one process holding the whole model")
+        if self.cfg.model.mtp_depth:
+            return (f"model.mtp_depth={self.cfg.model.mtp_depth}: the per-depth losses are collected on the host at "
+                    "every call, which a replayed graph skips")
         return None
 
     # ------------------------------------------------------------------------------------------- state
@@ -215,6 +226,28 @@ class Trainer:
         self.log.info(f"resumed from {path} (step {self.step})")
         return True
 
+    def load_model_state(self, state: dict[str, torch.Tensor], source: str = "the given weights",
+                         optional: tuple[str, ...] = ()) -> None:
+        """Copy model weights by global name (``dualflow.train.hf.from_hf`` gives them) into this rank's stages.
+
+        Every rank takes the entries it holds; those whose names start with one of ``optional`` may be
+        absent (they keep their values). A missing or misshapen entry on any rank stops every rank before
+        anything is copied, with the entries named.
+        """
+        own = {k: v for stage in self.stages for k, v in stage.state_dict().items()
+               if k in state or not any(k.startswith(prefix) for prefix in optional)}
+        problems = [f"{k!r} is missing" for k in own if k not in state]
+        problems += [f"{k!r} has shape {tuple(state[k].shape)} in {source}, {tuple(v.shape)} here"
+                     for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if self.topo.all_reduce([float(bool(problems))], "max")[0] and not problems:
+            problems = ["another rank found the weights incompatible (see its error)"]
+        if problems:
+            raise ValueError(f"cannot initialise from {source}: " + "; ".join(problems[:8]))
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+        self._weights_changed()
+
     def _start_fresh(self, discard: bool) -> None:
         found = self.checkpoints.list()
         if found and not discard:
@@ -238,12 +271,17 @@ class Trainer:
         for stage in self.stages:
             stage.eval()
         total, count = 0.0, 0
+        self.objective.take()
         for x, y in self.val:
             s, c = self.engine.evaluate(x.to(self.device), y.to(self.device))
             total, count = total + float(s), count + c
         for stage in self.stages:
             stage.train()
-        total, count = self.topo.all_reduce([total, float(count)])
+        losses, accuracies = self.objective.take()
+        total, count, *mtp = self.topo.all_reduce([total, float(count), *losses, *accuracies])
+        d = self.cfg.model.mtp_depth
+        self.val_metrics = {**{f"val_mtp_loss_{k + 1}": v / count for k, v in enumerate(mtp[:d])},
+                            **{f"val_mtp_acc_{k + 1}": v / count for k, v in enumerate(mtp[d:])}}
         return total / count
 
     def _weights_changed(self) -> None:
@@ -268,7 +306,7 @@ class Trainer:
     def _update_balance(self) -> float:
         """Sum each MoE layer's expert loads over all ranks, nudge the biases; return the worst max/mean."""
         m = self.cfg.model
-        loads = torch.zeros(m.n_layers, m.n_routed_experts, dtype=torch.float64)
+        loads = torch.zeros(m.n_layers + m.mtp_depth, m.n_routed_experts, dtype=torch.float64)
         for lid, router in self.routers.items():
             loads[lid] += router.load.double().cpu()
         flat = self.topo.all_reduce(loads.flatten().tolist())
@@ -285,7 +323,7 @@ class Trainer:
         local_sum, local_count = self.engine.step(x.to(self.device), y.to(self.device))
         for experts in self.fp8_experts:  # malformed expert offsets, recorded on the device (a bug if ever)
             experts.check_fp8_errors()
-        total, count = topo.all_reduce([float(local_sum), float(local_count)])
+        total, count, *mtp = topo.all_reduce([float(local_sum), float(local_count), *self.objective.take()[0]])
         loss = total / count
         self._check_finite(float(local_sum), loss)
         reduce_gradients(self.params, topo)
@@ -304,7 +342,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = cfg.train.global_batch * cfg.data.seq_len
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                "tokens_per_s": tokens / elapsed, "expert_load_max_over_mean": balance}
+                "tokens_per_s": tokens / elapsed, "expert_load_max_over_mean": balance,
+                **{f"mtp_loss_{k + 1}": v / count for k, v in enumerate(mtp)}}
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         peak = peak_flops(self.device, self.cfg.train.fp8)
@@ -336,7 +375,7 @@ class Trainer:
         losses, val_losses = {}, {}
         if self.step == 0:
             val_losses[0] = self.validate()
-            self.log.write({"step": 0, "val_loss": val_losses[0]})
+            self.log.write({"step": 0, "val_loss": val_losses[0], **self.val_metrics})
             self.log.info(f"step     0/{cfg.train.steps} initial validation loss {val_losses[0]:.4f}")
         while self.step < cfg.train.steps:
             sync = torch.cuda.synchronize if self.device.type == "cuda" else None
@@ -348,6 +387,7 @@ class Trainer:
             record["peak_memory_mb"] = peak_memory_mb(self.device)
             if self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps:
                 record["val_loss"] = val_losses[self.step] = self.validate()
+                record.update(self.val_metrics)
             self.log.step(record)
             every = cfg.checkpoint.every
             if cfg.checkpoint.enabled and ((every and self.step % every == 0) or self.step == cfg.train.steps):

@@ -43,6 +43,8 @@ NUMERIC = {
     "model.rope_theta": POSITIVE, "model.norm_eps": POSITIVE, "model.init_std": POSITIVE,
     "model.q_lora_rank": AT_LEAST_0, "model.kv_lora_rank": AT_LEAST_1, "model.qk_nope_head_dim": AT_LEAST_1,
     "model.qk_rope_head_dim": (["2"], ["1", "0", "-2"]), "model.v_head_dim": AT_LEAST_1,
+    "model.n_group": AT_LEAST_1, "model.topk_group": AT_LEAST_1, "model.mtp_depth": AT_LEAST_0,
+    "model.mtp_loss_weight": POSITIVE,
     "parallel.pp": AT_LEAST_1, "parallel.dp": AT_LEAST_1, "parallel.microbatches": AT_LEAST_1,
     "data.max_bytes": AT_LEAST_1, "data.val_fraction": FRACTION, "data.seq_len": AT_LEAST_1, "data.seed": SEED,
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": AT_LEAST_0,
@@ -53,14 +55,15 @@ NUMERIC = {
     "checkpoint.every": AT_LEAST_0, "checkpoint.keep": AT_LEAST_1,
 }
 CHOICES = {
-    "model.attention": ("mha", "mla"), "parallel.schedule": ("dualpipev", "dualpipe", "1f1b", "zb1p"),
+    "model.attention": ("mha", "mla"), "model.group_by": ("experts", "ep_ranks", "nodes"),
+    "data.dtype": ("uint16", "uint32"), "parallel.schedule": ("dualpipev", "dualpipe", "1f1b", "zb1p"),
     "parallel.comm_checks": ("collective", "first", "local"), "data.source": ("stdlib", "text", "binary"),
     "optim.moments_dtype": ("float32", "bfloat16"), "train.dtype": ("float32", "bfloat16"),
     "train.cuda_graph": ("auto", "on", "off"),
 }
 FLAGS = ("model.tie_embeddings", "parallel.overlap", "parallel.zero1", "train.fp8", "train.fp8_dispatch",
          "train.profile_trace", "checkpoint.enabled")
-TEXT = ("data.paths", "train.run_dir", "checkpoint.dir")
+TEXT = ("data.paths", "data.val_paths", "data.tokenizer", "data.eos_token", "train.run_dir", "checkpoint.dir")
 
 
 def _problems(*overrides: str) -> tuple[str, ...]:
