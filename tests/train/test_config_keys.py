@@ -142,8 +142,10 @@ def test_text_keys():
     assert _problems("train.run_dir=''") == ("train.run_dir: expected a folder for the run's files, got ''",)
     assert _problems("data.paths=[1]")[0].startswith("data.paths: expected tuple[str, ...]")
     assert _problems("data.source=text") == ("data.paths: data.source='text' needs files or glob patterns, got none",)
-    assert _problems("data.source=binary", "data.paths=['a', 'b']") == (
-        "data.paths: data.source='binary' reads one file, got 2 paths",)
+    assert _problems("data.source=binary", "data.paths=['a', 'b']") == ()  # shards of one stream
+    assert _problems("data.val_paths=['v']")[0].startswith("data.val_paths: read with data.source = 'binary' only")
+    assert _problems("data.eos_token='<eos>'", "data.source=text", "data.paths=['a']") == (
+        "data.eos_token: needs data.tokenizer (byte-level text ends documents with a 0 byte)",)
 
 
 def test_microbatches_are_refused_before_anything_divides_by_them():
