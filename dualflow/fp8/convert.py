@@ -63,6 +63,7 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None,
             skipped.append((name, why))
             continue
         new = replacement.setdefault(id(module), Fp8Linear.from_linear(module, recipe))
+        new.fp8_name = new.fp8_name or name  # errors name the layer (a shared one by its first name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         converted.append(name)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.gemm import BackendUnavailable, fp8_gemm, fp8_grouped_gemm
 from dualflow.fp8.quant import BLOCK, quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
 from dualflow.fp8.recipe import Fp8Recipe
 
@@ -113,9 +113,33 @@ def _grad_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _GEMM_DTYPES else torch.float32
 
 
+def _in_layer(layer: str, what: str, exc: Exception) -> Exception:
+    """``exc`` again (same class) with the layer and the call it failed in ahead of its message, so that an
+    error from deep in a quantizer or GEMM backend says which layer of the model met it."""
+    if type(exc) in (ValueError, TypeError, BackendUnavailable):
+        return type(exc)(f"{layer}, {what}: {exc}")
+    return exc
+
+
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool):
+    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool, layer: str):
+        ctx.layer = layer
+        try:
+            return _Fp8LinearFn._forward(ctx, x, weight, bias, cache, recipe, wgrad)
+        except (ValueError, TypeError, BackendUnavailable) as exc:
+            raise _in_layer(layer, f"forward of an input of shape {tuple(x.shape)} ({x.dtype})", exc) from exc
+
+    @staticmethod
+    def backward(ctx, dy):
+        try:
+            return (*_Fp8LinearFn._backward(ctx, dy), None)
+        except (ValueError, TypeError, BackendUnavailable) as exc:
+            raise _in_layer(ctx.layer, f"backward of an output gradient of shape {tuple(dy.shape)} ({dy.dtype})",
+                            exc) from exc
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         x2 = x.reshape(-1, x.shape[-1])
         if wgrad:  # the 128x1 layout of x is only needed for the weight gradient
@@ -133,7 +157,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, dy):
+    def _backward(ctx, dy):
         recipe = ctx.recipe
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -169,6 +193,12 @@ class Fp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = recipe or Fp8Recipe()
         self.fp8_cache = Fp8WeightCache()
+        self.fp8_name = ""  # the qualified name in its model, set by convert_to_fp8 (for error messages)
+
+    def describe(self) -> str:
+        """How errors name this layer: ``Fp8Linear 'layers.1.attn.wo' (in 128, out 256)``."""
+        name = f" {self.fp8_name!r}" if self.fp8_name else ""
+        return f"Fp8Linear{name} (in {self.in_features}, out {self.out_features})"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe | None = None) -> Fp8Linear:
@@ -184,8 +214,11 @@ class Fp8Linear(nn.Linear):
         self.fp8_cache.invalidate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
+                             f"{tuple(x.shape)}")
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad)
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad, self.describe())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pow2_scales={self.recipe.pow2_scales}, backend={self.recipe.backend!r}"

@@ -244,3 +244,22 @@ def test_triton_path_matches_reference_path():
     dy = torch.randn(96, 256)
     for a, b in zip(_grads(ref_mod, x, dy), _grads(tri_mod, x, dy)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_errors_name_the_layer_and_the_shapes():
+    model = nn.Sequential(nn.Linear(128, 256, bias=False), nn.ReLU(), nn.Linear(256, 128, bias=False))
+    convert_to_fp8(model, Fp8Recipe(backend="torch", quant_backend="reference"))  # no torch FP8 GEMM on a CPU
+    x = torch.randn(4, 3, 128)
+    with pytest.raises(RuntimeError, match=r"^Fp8Linear '0' \(in 128, out 256\), forward of an input of shape "
+                                           r"\(4, 3, 128\) \(torch.float32\): no FP8 GEMM backend"):
+        model(x)
+    with pytest.raises(ValueError, match=r"^Fp8Linear '2' \(in 256, out 128\): the input must end in 256 features, "
+                                         r"got shape \(4, 3, 128\)"):
+        model[2](x)
+    # an error of the backward names the layer and the gradient's shape
+    layer = Fp8Linear(128, 256, bias=False, recipe=Fp8Recipe(backend="reference", quant_backend="reference"))
+    y = layer(x.requires_grad_(True))
+    y.grad_fn.recipe = Fp8Recipe(backend="torch", quant_backend="reference")  # the backward's own recipe
+    with pytest.raises(RuntimeError, match=r"^Fp8Linear \(in 128, out 256\), backward of an output gradient of shape "
+                                           r"\(4, 3, 256\)"):
+        y.sum().backward()
