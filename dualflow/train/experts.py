@@ -196,7 +196,7 @@ class GroupedExperts(nn.Module):
 
     def align(self) -> int:
         # FP8: 128-row blocks (the 128x1 quantization of the weight gradient stays inside one expert);
-        # otherwise 16 rows keep each block 16-byte aligned for the grouped GEMM at no measurable cost
+        # otherwise 16 rows keep each block 16-byte aligned for the grouped GEMM (at most 15 padding rows each)
         return 128 if self.fp8_recipe is not None else 16
 
     def forward(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor,

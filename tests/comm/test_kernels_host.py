@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
-import shutil
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from dualflow.comm import Buffer, get_dispatch_layout
 from dualflow.comm import kernels as K
 from tests.comm.cases import make_routing
 from tests.dist import run_workers
-
-
-@pytest.fixture(scope="module")
-def lib():
-    if _cuda.library_path() is None:
-        if os.environ.get("DUALFLOW_CUDA", "AUTO").upper() != "OFF" and shutil.which("nvcc"):
-            pytest.fail("nvcc is present but libdualflow_cuda was not built (run `make build`)")
-        pytest.skip("libdualflow_cuda not built")
-    return K._lib()
 
 
 def test_sizing_struct_matches_the_library(lib):

@@ -4,7 +4,6 @@ bookkeeping, and set-up failures that every rank raises together (real gloo proc
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,16 +15,6 @@ from dualflow.comm import kernels as K
 from dualflow.comm.payload import as_byte_rows, from_byte_rows
 from dualflow.comm.shared_gpu import DeviceSharing
 from tests.dist import run_workers
-
-
-@pytest.fixture(scope="module")
-def lib():
-    if _cuda.library_path() is None:
-        if os.environ.get("DUALFLOW_CUDA", "AUTO").upper() != "OFF" and shutil.which("nvcc"):
-            pytest.fail("nvcc is present but libdualflow_cuda was not built (run `make build`)")
-        pytest.skip("libdualflow_cuda not built")
-    return K._lib()
-
 
 # -- the opt-in ---------------------------------------------------------------------------------------
 

@@ -271,7 +271,7 @@ def test_num_params_counts_the_mtp_modules():
 @pytest.mark.parametrize("change, match", [
     (dict(model=dict(mtp_depth=1), parallel=dict(pp=2, schedule="1f1b")), "mtp_depth needs the embedding"),
     (dict(model=dict(mtp_depth=16)), "seq_len=16"),
-    (dict(model=dict(mtp_depth=-1)), "mtp_depth=-1"),
+    (dict(model=dict(mtp_depth=-1)), "model.mtp_depth: expected int >= 0"),
     (dict(model=dict(mtp_depth=1, mtp_loss_weight=0.0)), "mtp_loss_weight"),
 ])
 def test_invalid_settings_are_named(tmp_path, change, match):

@@ -75,11 +75,11 @@ def test_router_limits_groups_and_its_weights_ignore_the_bias():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(n_group=3), "split into n_group=3 groups"),
+    (dict(n_group=3), "split into model.n_group=3 groups"),
     (dict(n_group=16), "groups of at least 2"),
-    (dict(topk_group=5), r"topk_group=5 in \[1, n_group\]"),
+    (dict(topk_group=5), r"model.topk_group=5 must not exceed model.n_group=4"),
     (dict(topk_group=1, top_k=5), "top_k=5 exceeds the 4 experts"),
-    (dict(group_by="racks"), "group_by='racks'"),
+    (dict(group_by="racks"), "model.group_by: expected one of 'experts', 'ep_ranks', 'nodes', got 'racks'"),
 ])
 def test_invalid_group_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
