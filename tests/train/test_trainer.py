@@ -200,3 +200,10 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "dualflow.train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--parallel.schedule" in out.stdout and "--resume" in out.stdout
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_checkpoints_disabled_write_none_not_even_the_last(tmp_path):
+    cfg = tiny(tmp_path, train=dict(steps=2, val_every=2), checkpoint=dict(every=1, enabled=False))
+    summary = Trainer(cfg).train()
+    assert summary.checkpoint is None and not list(tmp_path.rglob("step-*"))
