@@ -19,29 +19,18 @@ block are neither read nor written meaningfully: their outputs and input gradien
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
 from dualflow.fp8.groups import Fp8ErrorFlag
-from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1
+from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend
 from dualflow.fp8.recipe import Fp8Recipe
 
 
 def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
-    # the quantization backend decides, as for the quantizers: "auto" runs Triton on CUDA tensors only,
-    # "triton" also under the interpreter on the CPU
-    if recipe.quant_backend == "reference" or (recipe.quant_backend == "auto" and not x.is_cuda):
-        return False
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # the quantization backend decides, as for the quantizers (Triton on sm_89+ CUDA devices for "auto")
+    return resolve_quant_backend(recipe.quant_backend, x.device) == "triton"
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
