@@ -33,11 +33,15 @@ class RunConfig:
     # cuda_graph: replay the step as a CUDA graph (train/graphs.py): "auto" = where it can run (one GPU, one
     # process), "on" = required (an error where it cannot), "off"
     cuda_graph: str = "auto"
+    # compile: torch.compile each compute phase (train/compile.py): "auto" = on CUDA GPUs, "on" = also on the
+    # CPU (an error where it cannot run), "off"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, "train", steps=Range(ge=1), global_batch=Range(ge=1), seed=Range(ge=0, lt=2**63),
                      dtype=OneOf(*DTYPES), log_every=Range(ge=1), val_every=Range(ge=1), val_batches=Range(ge=1),
-                     profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"))
+                     profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"),
+                     compile=OneOf("auto", "on", "off"))
         if not self.run_dir.strip():
             raise ConfigError(["train.run_dir: expected a folder for the run's files, got ''"], "invalid train config")
 

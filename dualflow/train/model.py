@@ -42,12 +42,14 @@ State = dict[str, Any]
 
 class Phase(NamedTuple):
     """One piece of a stage's forward: ``kind`` "compute" or "comm" (what may overlap the other micro-batch's
-    work), a name for profiles, ``fn(state) -> state``, and the modules whose parameters it uses."""
+    work), a name for profiles, ``fn(state) -> state``, the modules whose parameters it uses, and whether
+    its shapes are the same at every step (``static``: what ``train.compile`` compiles)."""
 
     kind: str
     name: str
     fn: Callable[[State], State]
     modules: tuple[nn.Module, ...]
+    static: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,8 +432,10 @@ class Layer(nn.Module):
         return [Phase("compute", f"L{self.layer_id}.attn", self.phase_attn,
                       (self.attn_norm, self.attn, self.mlp_norm, self.moe.gate)),
                 Phase("comm", f"L{self.layer_id}.dispatch", self.phase_dispatch, ()),
+                # an expert-parallel rank receives a different number of rows at every step
                 Phase("compute", f"L{self.layer_id}.mlp", self.phase_mlp,
-                      (self.moe.experts,) + ((self.moe.shared,) if self.moe.shared is not None else ())),
+                      (self.moe.experts,) + ((self.moe.shared,) if self.moe.shared is not None else ()),
+                      static=isinstance(self.exchange, LocalExchange)),
                 Phase("comm", f"L{self.layer_id}.combine", self.phase_combine, ())]
 
 
@@ -458,6 +462,7 @@ class Stage(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if last else None
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
         self.mtp: Any = None
+        self.compiler: Any = None  # a dualflow.train.compile.PhaseCompiler (train.compile)
         if last and cfg.mtp_depth:
             from dualflow.train.mtp import MultiTokenPrediction
 
@@ -512,6 +517,8 @@ class Stage(nn.Module):
         out = [Phase("compute", "embed", self.phase_embed, (self.embed,))] if self.first else []
         for layer in self.layers.values():
             out += layer.phases()
+        if self.compiler is not None:  # before `carrying` below, which wraps each function anew at every call
+            out = [self.compiler.wrap(p) for p in out]
         if self.mtp is not None:
             if not self.first:
                 out.append(Phase("compute", "mtp.embed", self.phase_embed_ahead, (self._shared_embed[0],)))
@@ -526,7 +533,8 @@ class Stage(nn.Module):
             else:  # tied; with multi-token prediction its weight comes through the state (mtp.embed_ahead)
                 head = () if self.mtp is not None else (self._shared_embed[0],)
             norms = tuple(m.norm for m in self.mtp.values()) if self.mtp is not None else ()
-            out.append(Phase("compute", "head", self.phase_head, (self.norm, *head, *norms)))
+            head_phase = Phase("compute", "head", self.phase_head, (self.norm, *head, *norms))
+            out.append(self.compiler.wrap(head_phase) if self.compiler is not None else head_phase)
         return out
 
     def input_state(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> State:

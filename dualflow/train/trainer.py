@@ -112,6 +112,7 @@ class Trainer:
         self.val_metrics: dict[str, float] = {}
         self.fp8_report = self._setup_fp8() if run.fp8 else None
         self._setup_exchange()
+        self.compile_report = self._setup_compile()
         self.engine = engine or self._build_engine()
         self.params = named_parameters(self.stages)
         # Each distinct parameter enters the gradient norm once: a DualPipe rank's second module is
@@ -154,6 +155,21 @@ class Trainer:
                                           checks=self.cfg.parallel.comm_checks)
         for stage in self.stages:
             stage.set_exchange(exchange)
+
+    def _setup_compile(self) -> str:
+        from dualflow.train.compile import PhaseCompiler, compile_unavailable_reason
+
+        mode = self.cfg.train.compile
+        why_not = "train.compile = 'off'" if mode == "off" else compile_unavailable_reason(self.device)
+        if why_not is not None and (mode != "on" or self.device.type == "cuda"):
+            if mode == "on":
+                raise ValueError(f"train.compile = 'on', but torch.compile cannot run here: {why_not}")
+            return f"compile: off ({why_not})"
+        compiler = PhaseCompiler(on_fallback=self.log.info)
+        for stage in self.stages:
+            stage.compiler = compiler
+            stage.phases()  # wraps every phase now, so that the report below lists them all
+        return compiler.summary()
 
     def _build_engine(self) -> Engine:
         par = self.cfg.parallel
@@ -372,6 +388,7 @@ class Trainer:
                           f"schedule {cfg.parallel.schedule}, {cfg.parallel.microbatches} micro-batches")
             if self.fp8_report:
                 self.log.info(self.fp8_report)
+            self.log.info(self.compile_report)
         losses, val_losses = {}, {}
         if self.step == 0:
             val_losses[0] = self.validate()
