@@ -4,9 +4,9 @@ A stage's forward is a list of phases (:class:`~dualflow.train.model.Phase`). :c
 replaces the function of each compute phase whose shapes are the same at every step (``Phase.static``:
 attention with its norms and router, a dense MLP, the routed experts when one process holds them all,
 the head; not the embedding lookup) by its compiled version, so that the elementwise work between the
-GEMMs (norms, rotary embeddings, casts, SwiGLU, the experts' permutation) runs as fused kernels. The layers of a stage share
-their compiled code: the compiler treats a module's parameters as inputs, so eight identical layers
-compile once.
+GEMMs (norms, rotary embeddings, casts, SwiGLU, the experts' permutation) runs as fused kernels. The
+layers of a stage share their compiled code: the compiler treats a module's parameters as inputs, so
+eight identical layers compile once.
 
 - Shapes are static (``dynamic=False``): a step's micro-batches all have one shape; the experts of an
   expert-parallel rank receive a different number of rows at every step, so that phase stays eager.
