@@ -12,7 +12,8 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 
 - ``base``: the config as it is, FP8 off, overlap on;  ``fp8``: FP8 linears (and FP8 dispatch as the
   config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``;  ``*-eager``: the
-  same without the CUDA-graph replay of a one-GPU step (``train.cuda_graph = off``).
+  same without the CUDA-graph replay of a one-GPU step (``train.cuda_graph = off``);  ``*-nocompile``: the
+  same without compiling the compute phases (``train.compile = off``).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -50,6 +51,8 @@ VARIANTS = {
     "fp8-serial": ["--train.fp8=true", "--parallel.overlap=false"],
     "base-eager": ["--train.fp8=false", "--train.cuda_graph=off"],
     "fp8-eager": ["--train.fp8=true", "--train.cuda_graph=off"],
+    "base-nocompile": ["--train.fp8=false", "--train.compile=off"],
+    "fp8-nocompile": ["--train.fp8=true", "--train.compile=off"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
