@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.gemm import fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
-from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend
+from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
 
 
@@ -48,12 +48,18 @@ def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = Non
     """
     if fused is None:
         fused = _kernels_usable(h, recipe)
+    q, s, qt, st = torch.ops.dualflow.swiglu_quantize(h, recipe.pow2_scales, fused, recipe.quant_backend, end)
+    return (q, s), (qt, st)
+
+
+def run_swiglu_quantize(h: torch.Tensor, pow2_scales: bool, fused: bool, quant_backend: str,
+                        end: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``(q, s, qt, st)`` of :func:`swiglu_quantize` (what the ``dualflow::swiglu_quantize`` operator runs)."""
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_forward
 
-        q, s, qt, st = swiglu_forward(h, recipe.pow2_scales, end)
-        return (q, s), (qt, st)
-    return quantize_1x128_and_128x1(_swiglu(h), pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        return swiglu_forward(h, pow2_scales, end)
+    return run_quantizer(_swiglu(h), True, True, False, pow2_scales, quant_backend)
 
 
 def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = None,
@@ -62,16 +68,24 @@ def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recip
     hidden = h.shape[1] // 2
     if fused is None:
         fused = _kernels_usable(h, recipe) and hidden % BLOCK == 0
+    q, s, qt, st = torch.ops.dualflow.swiglu_backward_quantize(h, da, recipe.pow2_scales, fused,
+                                                               recipe.quant_backend, end)
+    return (q, s), (qt, st)
+
+
+def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, fused: bool,
+                                 quant_backend: str, end: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``(q, s, qt, st)`` of :func:`swiglu_backward_quantize` (the ``dualflow::swiglu_backward_quantize``
+    operator)."""
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_backward
 
-        q, s, qt, st = swiglu_backward(h, da, recipe.pow2_scales, end)
-        return (q, s), (qt, st)
+        return swiglu_backward(h, da, pow2_scales, end)
     gate, up = h.float().chunk(2, dim=-1)
     sig = 1.0 / (1.0 + torch.exp(-gate))
     d = da.float()
     dh = torch.cat([d * up * (sig * (1.0 + gate * (1.0 - sig))), d * (gate * sig)], dim=-1).to(h.dtype)
-    return quantize_1x128_and_128x1(dh, pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+    return run_quantizer(dh, True, True, False, pow2_scales, quant_backend)
 
 
 def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,
@@ -82,10 +96,16 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     the host.
     """
     (aq, as_), (bq, bs) = a, b
-    groups = offsets.numel() - 1
-    out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
     if fused is None:
         fused = _kernels_usable(aq, recipe)
+    return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, fused)
+
+
+def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs: torch.Tensor, offsets: torch.Tensor,
+                      fused: bool) -> torch.Tensor:
+    """The ``dualflow::grouped_wgrad`` operator: :func:`grouped_wgrad` of unpacked operands."""
+    groups = offsets.numel() - 1
+    out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
     if fused:
         from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
 
@@ -97,8 +117,8 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
             raise ValueError(f"expert block {g} spans rows {lo}:{hi}; grouped weight gradients need offsets that "
                              f"are multiples of {BLOCK}")
         kb0, kb1 = lo // BLOCK, hi // BLOCK
-        out[g] = fp8_gemm(aq[:, lo:hi], as_[:, kb0:kb1], bq[:, lo:hi], bs[:, kb0:kb1], out_dtype=torch.float32,
-                          backend="reference", b_block="1x128") if hi > lo else 0
+        out[g] = run_dense(aq[:, lo:hi], as_[:, kb0:kb1], bq[:, lo:hi], bs[:, kb0:kb1], torch.float32, None, True,
+                           "reference") if hi > lo else 0
     return out
 
 
