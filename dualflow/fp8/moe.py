@@ -125,24 +125,37 @@ def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs:
 class _Fp8GroupedMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors):
+        from dualflow.fp8.nn import _Fp8Weight, quantize_weight
+
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+        if caches is not None:
+            w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+            weights = ()
+        else:  # traced by torch.compile: quantized in the graph, saved for the backward like activations
+            w13_8, w2_8 = _Fp8Weight(*quantize_weight(w13, recipe)), _Fp8Weight(*quantize_weight(w2, recipe))
+            weights = (w13_8.q, w13_8.scales, w2_8.q, w2_8.scales)
         (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
         h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
                              backend=recipe.backend, errors=errors)
         (aq, as_), at = swiglu_quantize(h, recipe, end=offsets[-1:])
         y = fp8_grouped_gemm(aq, as_, w2_8.q, w2_8.scales, group_offsets=offsets, out_dtype=out_dtype,
                              backend=recipe.backend, errors=errors)
-        ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets)
-        ctx.weights, ctx.recipe, ctx.x_dtype, ctx.errors = (w13_8, w2_8), recipe, x.dtype, errors
+        ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets, *weights)
+        ctx.weights = (w13_8, w2_8) if caches is not None else None
+        ctx.recipe, ctx.x_dtype, ctx.errors = recipe, x.dtype, errors
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        h, xtq, xts, atq, ats, offsets = ctx.saved_tensors
+        from dualflow.fp8.nn import _Fp8Weight
+
+        h, xtq, xts, atq, ats, offsets, *weights = ctx.saved_tensors
         recipe = ctx.recipe
-        w13_8, w2_8 = ctx.weights
+        if ctx.weights is not None:
+            w13_8, w2_8 = ctx.weights
+        else:
+            w13_8, w2_8 = _Fp8Weight(*weights[:2]), _Fp8Weight(*weights[2:])
         (gq, gs), gt = quantize_1x128_and_128x1(dy.contiguous(), pow2_scales=recipe.pow2_scales,
                                                 backend=recipe.quant_backend)
         w2tq, w2ts = w2_8.transposed()
@@ -166,7 +179,8 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
     """The SwiGLU experts of the module docstring, forward and backward in FP8.
 
     ``caches`` is a pair of :class:`~dualflow.fp8.Fp8WeightCache` (for ``w13`` and ``w2``) that keeps the
-    weights' FP8 copies between calls; without it they are quantized on every call. ``errors``: where the
+    weights' FP8 copies between calls; without it they are quantized on every call, as they are (caches
+    or not) while ``torch.compile`` traces it. ``errors``: where the
     grouped GEMMs record malformed device ``offsets`` without a host synchronisation (see
     :func:`dualflow.fp8.fp8_grouped_gemm`); without one, device offsets are read back and checked per GEMM.
     """
@@ -186,7 +200,10 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
     if offsets.shape != (experts + 1,) or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"offsets must be int32/int64 of shape ({experts + 1},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
-    caches = caches or (Fp8WeightCache(), Fp8WeightCache())
+    if torch.compiler.is_compiling():  # the caches' Python state cannot be traced: see Fp8Linear
+        caches = None
+    else:
+        caches = caches or (Fp8WeightCache(), Fp8WeightCache())
     return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors)
 
 

@@ -78,6 +78,24 @@ class _OptimizerSteps:
         cls.count += 1
 
 
+def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks of ``weight`` ([out, in] or stacked experts [G, out, in]; a block never spans two
+    experts): what :class:`Fp8WeightCache` keeps, and what a traced layer computes at every call."""
+    # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        if w.dim() == 2:
+            return quantize_128x128(w, **kw)
+        if w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
+            experts, rows, cols = w.shape
+            q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
+            return q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+        # ragged rows: experts one by one, so that a block never spans two of them
+        parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
 class Fp8WeightCache:
     """The FP8 copy of one weight, remade only when the weight's version, storage or recipe changes."""
 
@@ -90,20 +108,7 @@ class Fp8WeightCache:
         key = (weight._version, _OptimizerSteps.current(), weight.data_ptr(), weight.device, weight.dtype,
                tuple(weight.shape), recipe.pow2_scales, recipe.quant_backend)
         if key != self._key:
-            # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
-            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                w = weight.detach()
-                kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
-                if w.dim() == 2:
-                    q, s = quantize_128x128(w, **kw)
-                elif w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
-                    experts, rows, cols = w.shape
-                    q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
-                    q, s = q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
-                else:  # ragged rows: experts one by one, so that a block never spans two of them
-                    parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
-                    q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-            self._entry, self._key = _Fp8Weight(q, s), key
+            self._entry, self._key = _Fp8Weight(*quantize_weight(weight, recipe)), key
             self.builds += 1
         return self._entry
 
@@ -353,18 +358,22 @@ class _Fp8GroupedFn(torch.autograd.Function):
                 wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         aligned = all(n % BLOCK == 0 for n in sizes)
+        saved = ()
         if wgrad and aligned:  # one pass gives both layouts; 128x1 tiles cannot mix experts' tokens
             (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x, **kw)
-            ctx.save_for_backward(xtq, xts)
+            saved = (xtq, xts)
         else:
             xq, xs = quantize_1x128(x, **kw)
             if wgrad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
                 bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
-                ctx.save_for_backward(*[t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)])
-        w8 = cache.get(weight, recipe)
+                saved = tuple(t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw))
+        # traced by torch.compile (no cache): the weight quantized in the graph, saved like an activation
+        w8 = cache.get(weight, recipe) if cache is not None else _Fp8Weight(*quantize_weight(weight, recipe))
+        ctx.save_for_backward(*saved, *((w8.q, w8.scales) if cache is None else ()))
         out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
                                backend=recipe.backend)
-        ctx.w8, ctx.recipe, ctx.sizes, ctx.offsets, ctx.aligned = w8, recipe, sizes, offsets, aligned
+        ctx.w8 = w8 if cache is not None else None
+        ctx.recipe, ctx.sizes, ctx.offsets, ctx.aligned = recipe, sizes, offsets, aligned
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return out
 
@@ -377,21 +386,24 @@ class _Fp8GroupedFn(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dx = dw = None
         dy = dy.contiguous()
+        saved = ctx.saved_tensors
+        w8 = ctx.w8
+        if w8 is None:  # traced: the weight's quantization is the last pair saved
+            w8, saved = _Fp8Weight(*saved[-2:]), saved[:-2]
         if need_dw and ctx.aligned:
             (gq, gs), gt = quantize_1x128_and_128x1(dy, **kw)
         else:
             gq, gs = quantize_1x128(dy, **kw)
         if need_dx:
-            wtq, wts = ctx.w8.transposed()
+            wtq, wts = w8.transposed()
             dx = fp8_grouped_gemm(gq, gs, wtq, wts, group_offsets=ctx.offsets, out_dtype=_grad_dtype_of(ctx.x_dtype),
                                   backend=recipe.backend)
         if need_dw and ctx.aligned:  # one GEMM for all experts, grouped along the tokens
             offsets = ctx.offsets.to(dy.device, non_blocking=True)
-            dw = grouped_wgrad(gt, tuple(ctx.saved_tensors), offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
+            dw = grouped_wgrad(gt, tuple(saved), offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
         elif need_dw:
-            groups, n_out = ctx.w8.q.shape[:2]
-            dw = torch.zeros(groups, n_out, ctx.w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
-            saved = ctx.saved_tensors
+            groups, n_out = w8.q.shape[:2]
+            dw = torch.zeros(groups, n_out, w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
             lo = 0
             for g, size in enumerate(ctx.sizes):
                 if size:
@@ -443,7 +455,8 @@ class Fp8GroupedLinear(nn.Module):
         # host offsets (well formed by the check above): the grouped GEMMs copy them up without a synchronisation
         offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32)
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
-        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe, wgrad)
+        cache = None if torch.compiler.is_compiling() else self.fp8_cache  # see _Fp8LinearFn
+        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, cache, self.recipe, wgrad)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
