@@ -14,6 +14,11 @@ and the number of ``torch.optim`` steps taken in the process, because fused opti
 update parameters without advancing their version counters. All micro-batches of one optimizer step
 share one quantization. ``invalidate_fp8_cache()`` (or :func:`invalidate_fp8_caches` on a model) drops it
 explicitly, for weights changed by other means under ``torch.no_grad()`` that bypass both.
+
+Under ``torch.compile`` the layers trace without graph breaks (every kernel is a ``torch.ops.dualflow``
+operator) and quantize their weights inside the graph at every call: the cache's Python state cannot be
+traced. In eager mode ``Fp8Linear`` resolves its backends once per device and calls the kernels directly
+(:mod:`dualflow.fp8.ops`); inputs it cannot take that way go through the validated public functions.
 """
 
 from __future__ import annotations
