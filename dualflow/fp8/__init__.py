@@ -4,6 +4,7 @@ See docs/fp8.md. Importing this package loads torch only; Triton and the CUDA li
 kernel of theirs first runs.
 """
 
+from dualflow.fp8 import ops  # noqa: F401 (registers the torch.ops.dualflow operators)
 from dualflow.fp8.convert import ConversionReport, convert_to_fp8
 from dualflow.fp8.gemm import (
     BACKENDS,

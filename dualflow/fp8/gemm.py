@@ -353,16 +353,42 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
                          f"shape {tuple(accumulate_into.shape)}")
     extra = (accumulate_into,) if accumulate_into is not None else ()
     _check_devices(a, a_scales, b, b_scales, *extra)
+    if accumulate_into is not None:  # an operator returns no alias of an input: it mutates, this returns it
+        torch.ops.dualflow.fp8_gemm_accumulate(a, a_scales, b, b_scales, accumulate_into, rowwise, backend)
+        return accumulate_into
+    return torch.ops.dualflow.fp8_gemm(a, a_scales, b, b_scales, out_dtype, rowwise, backend)
+
+
+def run_dense(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+              out_dtype: torch.dtype, accumulate_into: torch.Tensor | None, b_rowwise: bool,
+              backend: str) -> torch.Tensor:
+    """The dense GEMM of validated operands (what the ``dualflow::fp8_gemm*`` operators run)."""
+    m, n, k = a.shape[0], b.shape[0], a.shape[1]
     if m == 0 or n == 0 or k == 0:
         resolve_backend(backend, a.device, "dense")  # an impossible backend choice still fails
         return accumulate_into if accumulate_into is not None else torch.zeros(m, n, dtype=out_dtype, device=a.device)
-    return _run(backend, a.device, "dense", a, a_scales, b, b_scales, out_dtype, accumulate_into, rowwise)
+    return _run(backend, a.device, "dense", a, a_scales, b, b_scales, out_dtype, accumulate_into, b_rowwise)
 
 
-def _group_index(index: torch.Tensor, name: str, op: str, bound: int, device: torch.device,
-                 errors: Fp8ErrorFlag | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The index on the operands' device, checked now (host index, or no flag to record into), or else the
-    flag's record that the kernels write a malformed group into."""
+def run_dense_first(first: str | None, a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
+                    b_scales: torch.Tensor, out_dtype: torch.dtype, b_rowwise: bool, backend: str) -> torch.Tensor:
+    """:func:`run_dense` (no ``accumulate_into``) that calls backend ``first`` straight away, without
+    resolving ``backend`` again: the FP8 layers resolve it once per device. Where ``first`` finds it
+    cannot run this case, the whole of ``backend`` is tried as usual (``first`` included, so that the
+    error lists every reason)."""
+    if first is not None and a.shape[0] and b.shape[0] and a.shape[1]:
+        try:
+            with nvtx.range(f"fp8_gemm.dense.{first}"):
+                return _REGISTRY[first].dense(a, a_scales, b, b_scales, out_dtype, None, b_rowwise)
+        except BackendUnavailable:
+            pass
+    return run_dense(a, a_scales, b, b_scales, out_dtype, None, b_rowwise, backend)
+
+
+def _group_index(index: torch.Tensor, name: str, device: torch.device,
+                 errors: Fp8ErrorFlag | None) -> tuple[bool, torch.Tensor | None]:
+    """(whether the index is read back and checked on the host, the record the kernels write a malformed
+    group into): a host index, or one without a flag to record into, is checked before anything runs."""
     if index.device.type != "cpu" and index.device != device:
         raise ValueError(f"{name} must be on the operands' device ({device}) or on the CPU, got {index.device}")
     if errors is not None and (not isinstance(errors, Fp8ErrorFlag) or errors.device != device):
@@ -370,10 +396,28 @@ def _group_index(index: torch.Tensor, name: str, op: str, bound: int, device: to
         raise ValueError(f"errors must be an Fp8ErrorFlag on the operands' device ({device}), got {got}; make it "
                          f"with Fp8ErrorFlag({str(device)!r})")
     if index.device.type == "cpu" or errors is None:
-        check_on_host(index.tolist(), op, bound)  # reading a device index back synchronises
-        # a host index goes up without waiting for the stream (CUDA stages pageable memory at once)
-        return index.to(device, non_blocking=True), None
-    return index, errors.record
+        return True, None
+    return False, errors.record
+
+
+def run_grouped(op: str, a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                index: torch.Tensor, out_dtype: torch.dtype, backend: str, check: bool,
+                record: torch.Tensor | None) -> torch.Tensor:
+    """The grouped GEMM ``op`` of validated operands (what the ``dualflow::fp8_grouped_gemm_*`` operators
+    run): the host check of the index when ``check`` (reading a device index back synchronises), the index
+    moved to the operands' device, then the backend; ``record`` is the device error record or None."""
+    bound = a.shape[0] if op == "contiguous" else a.shape[1]
+    if check:
+        check_on_host(index.tolist(), op, bound)
+    # a host index goes up without waiting for the stream (CUDA stages pageable memory at once)
+    index = index.to(a.device, non_blocking=True)
+    n = b.shape[1]
+    if a.numel() == 0 or n == 0:
+        resolve_backend(backend, a.device, op)
+        if record is not None:  # no kernel runs: check the device index with a few torch operations instead
+            record_on_device(record, index, op, bound)
+        return torch.zeros(*a.shape[:-1], n, dtype=out_dtype, device=a.device)
+    return _run(backend, a.device, op, a, a_scales, b, b_scales, index, out_dtype, record)
 
 
 def fp8_grouped_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, *,
@@ -414,12 +458,7 @@ def fp8_grouped_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b
     if op == "masked" and a.shape[0] != groups:
         raise ValueError(f"masked layout: a must be [G={groups}, M_max, K], got {tuple(a.shape)}")
     _check_devices(a, a_scales, b, b_scales)
-    name = "group_offsets" if op == "contiguous" else "masked_m"
-    bound = a.shape[0] if op == "contiguous" else a.shape[1]
-    index, record = _group_index(index, name, op, bound, a.device, errors)
-    if a.numel() == 0 or n == 0:
-        resolve_backend(backend, a.device, op)
-        if record is not None:  # no kernel runs: check the device index with a few torch operations instead
-            record_on_device(record, index, op, bound)
-        return torch.zeros(*a.shape[:-1], n, dtype=out_dtype, device=a.device)
-    return _run(backend, a.device, op, a, a_scales, b, b_scales, index, out_dtype, record)
+    check, record = _group_index(index, "group_offsets" if op == "contiguous" else "masked_m", a.device, errors)
+    grouped = torch.ops.dualflow.fp8_grouped_gemm_contiguous if op == "contiguous" else \
+        torch.ops.dualflow.fp8_grouped_gemm_masked
+    return grouped(a, a_scales, b, b_scales, index, out_dtype, backend, check, record)

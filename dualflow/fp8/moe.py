@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import fp8_gemm, fp8_grouped_gemm
+from dualflow.fp8.gemm import fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
-from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend
+from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
 
 
@@ -48,12 +48,18 @@ def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = Non
     """
     if fused is None:
         fused = _kernels_usable(h, recipe)
+    q, s, qt, st = torch.ops.dualflow.swiglu_quantize(h, recipe.pow2_scales, fused, recipe.quant_backend, end)
+    return (q, s), (qt, st)
+
+
+def run_swiglu_quantize(h: torch.Tensor, pow2_scales: bool, fused: bool, quant_backend: str,
+                        end: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``(q, s, qt, st)`` of :func:`swiglu_quantize` (what the ``dualflow::swiglu_quantize`` operator runs)."""
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_forward
 
-        q, s, qt, st = swiglu_forward(h, recipe.pow2_scales, end)
-        return (q, s), (qt, st)
-    return quantize_1x128_and_128x1(_swiglu(h), pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        return swiglu_forward(h, pow2_scales, end)
+    return run_quantizer(_swiglu(h), True, True, False, pow2_scales, quant_backend)
 
 
 def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = None,
@@ -62,16 +68,24 @@ def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recip
     hidden = h.shape[1] // 2
     if fused is None:
         fused = _kernels_usable(h, recipe) and hidden % BLOCK == 0
+    q, s, qt, st = torch.ops.dualflow.swiglu_backward_quantize(h, da, recipe.pow2_scales, fused,
+                                                               recipe.quant_backend, end)
+    return (q, s), (qt, st)
+
+
+def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, fused: bool,
+                                 quant_backend: str, end: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``(q, s, qt, st)`` of :func:`swiglu_backward_quantize` (the ``dualflow::swiglu_backward_quantize``
+    operator)."""
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_backward
 
-        q, s, qt, st = swiglu_backward(h, da, recipe.pow2_scales, end)
-        return (q, s), (qt, st)
+        return swiglu_backward(h, da, pow2_scales, end)
     gate, up = h.float().chunk(2, dim=-1)
     sig = 1.0 / (1.0 + torch.exp(-gate))
     d = da.float()
     dh = torch.cat([d * up * (sig * (1.0 + gate * (1.0 - sig))), d * (gate * sig)], dim=-1).to(h.dtype)
-    return quantize_1x128_and_128x1(dh, pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+    return run_quantizer(dh, True, True, False, pow2_scales, quant_backend)
 
 
 def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,
@@ -82,10 +96,16 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     the host.
     """
     (aq, as_), (bq, bs) = a, b
-    groups = offsets.numel() - 1
-    out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
     if fused is None:
         fused = _kernels_usable(aq, recipe)
+    return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, fused)
+
+
+def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs: torch.Tensor, offsets: torch.Tensor,
+                      fused: bool) -> torch.Tensor:
+    """The ``dualflow::grouped_wgrad`` operator: :func:`grouped_wgrad` of unpacked operands."""
+    groups = offsets.numel() - 1
+    out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
     if fused:
         from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
 
@@ -97,32 +117,45 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
             raise ValueError(f"expert block {g} spans rows {lo}:{hi}; grouped weight gradients need offsets that "
                              f"are multiples of {BLOCK}")
         kb0, kb1 = lo // BLOCK, hi // BLOCK
-        out[g] = fp8_gemm(aq[:, lo:hi], as_[:, kb0:kb1], bq[:, lo:hi], bs[:, kb0:kb1], out_dtype=torch.float32,
-                          backend="reference", b_block="1x128") if hi > lo else 0
+        out[g] = run_dense(aq[:, lo:hi], as_[:, kb0:kb1], bq[:, lo:hi], bs[:, kb0:kb1], torch.float32, None, True,
+                           "reference") if hi > lo else 0
     return out
 
 
 class _Fp8GroupedMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors):
+        from dualflow.fp8.nn import _Fp8Weight, quantize_weight
+
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+        if caches is not None:
+            w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+            weights = ()
+        else:  # traced by torch.compile: quantized in the graph, saved for the backward like activations
+            w13_8, w2_8 = _Fp8Weight(*quantize_weight(w13, recipe)), _Fp8Weight(*quantize_weight(w2, recipe))
+            weights = (w13_8.q, w13_8.scales, w2_8.q, w2_8.scales)
         (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
         h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
                              backend=recipe.backend, errors=errors)
         (aq, as_), at = swiglu_quantize(h, recipe, end=offsets[-1:])
         y = fp8_grouped_gemm(aq, as_, w2_8.q, w2_8.scales, group_offsets=offsets, out_dtype=out_dtype,
                              backend=recipe.backend, errors=errors)
-        ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets)
-        ctx.weights, ctx.recipe, ctx.x_dtype, ctx.errors = (w13_8, w2_8), recipe, x.dtype, errors
+        ctx.save_for_backward(h, xt[0], xt[1], at[0], at[1], offsets, *weights)
+        ctx.weights = (w13_8, w2_8) if caches is not None else None
+        ctx.recipe, ctx.x_dtype, ctx.errors = recipe, x.dtype, errors
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        h, xtq, xts, atq, ats, offsets = ctx.saved_tensors
+        from dualflow.fp8.nn import _Fp8Weight
+
+        h, xtq, xts, atq, ats, offsets, *weights = ctx.saved_tensors
         recipe = ctx.recipe
-        w13_8, w2_8 = ctx.weights
+        if ctx.weights is not None:
+            w13_8, w2_8 = ctx.weights
+        else:
+            w13_8, w2_8 = _Fp8Weight(*weights[:2]), _Fp8Weight(*weights[2:])
         (gq, gs), gt = quantize_1x128_and_128x1(dy.contiguous(), pow2_scales=recipe.pow2_scales,
                                                 backend=recipe.quant_backend)
         w2tq, w2ts = w2_8.transposed()
@@ -146,7 +179,8 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
     """The SwiGLU experts of the module docstring, forward and backward in FP8.
 
     ``caches`` is a pair of :class:`~dualflow.fp8.Fp8WeightCache` (for ``w13`` and ``w2``) that keeps the
-    weights' FP8 copies between calls; without it they are quantized on every call. ``errors``: where the
+    weights' FP8 copies between calls; without it they are quantized on every call, as they are (caches
+    or not) while ``torch.compile`` traces it. ``errors``: where the
     grouped GEMMs record malformed device ``offsets`` without a host synchronisation (see
     :func:`dualflow.fp8.fp8_grouped_gemm`); without one, device offsets are read back and checked per GEMM.
     """
@@ -166,7 +200,10 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
     if offsets.shape != (experts + 1,) or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"offsets must be int32/int64 of shape ({experts + 1},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
-    caches = caches or (Fp8WeightCache(), Fp8WeightCache())
+    if torch.compiler.is_compiling():  # the caches' Python state cannot be traced: see Fp8Linear
+        caches = None
+    else:
+        caches = caches or (Fp8WeightCache(), Fp8WeightCache())
     return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors)
 
 

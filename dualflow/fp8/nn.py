@@ -14,19 +14,34 @@ and the number of ``torch.optim`` steps taken in the process, because fused opti
 update parameters without advancing their version counters. All micro-batches of one optimizer step
 share one quantization. ``invalidate_fp8_cache()`` (or :func:`invalidate_fp8_caches` on a model) drops it
 explicitly, for weights changed by other means under ``torch.no_grad()`` that bypass both.
+
+Under ``torch.compile`` the layers trace without graph breaks (every kernel is a ``torch.ops.dualflow``
+operator) and quantize their weights inside the graph at every call: the cache's Python state cannot be
+traced. In eager mode ``Fp8Linear`` resolves its backends once per device and calls the kernels directly
+(:mod:`dualflow.fp8.ops`); inputs it cannot take that way go through the validated public functions.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from dualflow.fp8.gemm import BackendUnavailable, fp8_gemm, fp8_grouped_gemm
-from dualflow.fp8.quant import BLOCK, quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
+from dualflow.fp8.gemm import ENV_BACKEND, BackendUnavailable, fp8_gemm, fp8_grouped_gemm, resolve_backend
+from dualflow.fp8.ops import gemm_entry, quantize_entry
+from dualflow.fp8.quant import (
+    BLOCK,
+    quantize_1x128,
+    quantize_1x128_and_128x1,
+    quantize_128x1,
+    quantize_128x128,
+    resolve_quant_backend,
+)
 from dualflow.fp8.recipe import Fp8Recipe
 
 _GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,6 +83,24 @@ class _OptimizerSteps:
         cls.count += 1
 
 
+def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks of ``weight`` ([out, in] or stacked experts [G, out, in]; a block never spans two
+    experts): what :class:`Fp8WeightCache` keeps, and what a traced layer computes at every call."""
+    # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        if w.dim() == 2:
+            return quantize_128x128(w, **kw)
+        if w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
+            experts, rows, cols = w.shape
+            q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
+            return q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+        # ragged rows: experts one by one, so that a block never spans two of them
+        parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
 class Fp8WeightCache:
     """The FP8 copy of one weight, remade only when the weight's version, storage or recipe changes."""
 
@@ -80,20 +113,7 @@ class Fp8WeightCache:
         key = (weight._version, _OptimizerSteps.current(), weight.data_ptr(), weight.device, weight.dtype,
                tuple(weight.shape), recipe.pow2_scales, recipe.quant_backend)
         if key != self._key:
-            # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
-            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                w = weight.detach()
-                kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
-                if w.dim() == 2:
-                    q, s = quantize_128x128(w, **kw)
-                elif w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
-                    experts, rows, cols = w.shape
-                    q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
-                    q, s = q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
-                else:  # ragged rows: experts one by one, so that a block never spans two of them
-                    parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
-                    q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-            self._entry, self._key = _Fp8Weight(q, s), key
+            self._entry, self._key = _Fp8Weight(*quantize_weight(weight, recipe)), key
             self.builds += 1
         return self._entry
 
@@ -121,19 +141,110 @@ def _in_layer(layer: str, what: str, exc: Exception) -> Exception:
     return exc
 
 
+class _Plan(NamedTuple):
+    """What a layer's recipe resolves to on a device, worked out once instead of at every call."""
+
+    quant: str  # the quantization backend: "reference" or "triton"
+    gemm: str | None  # the dense GEMM backend tried first (None: every call resolves recipe.backend itself)
+    m_major: bool  # 1x128 scales quantized straight into the layout torch's scaled matmul reads
+
+
+def _resolve_plan(device: torch.device, recipe: Fp8Recipe) -> _Plan:
+    quant = resolve_quant_backend(recipe.quant_backend, device)
+    try:
+        gemm = resolve_backend(recipe.backend, device, "dense")
+    except (BackendUnavailable, ValueError):
+        gemm = None  # the first GEMM raises the full error, from inside the layer
+    return _Plan(quant, gemm, gemm == "torch")
+
+
+# Under torch.compile the plan is a constant of the graph: worked out once while tracing, like the shapes.
+_traced_plan = torch.compiler.assume_constant_result(_resolve_plan)
+
+
 class _Fp8LinearFn(torch.autograd.Function):
+    """The three FP8 GEMMs of a linear layer. Eager (``cache`` given): the FP8 weight comes from the layer's
+    :class:`Fp8WeightCache` and the kernels are called directly. Traced by ``torch.compile`` (``cache`` None):
+    the weight is quantized inside the graph at every call (the cache's Python state, keyed on version
+    counters and optimizer steps, cannot be traced) and every kernel is a ``torch.ops.dualflow`` operator."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan,
+                out_dtype: torch.dtype, wgrad: bool, layer: str | None):
+        pow2 = recipe.pow2_scales
+        x2 = x.reshape(-1, x.shape[-1])
+        # the 128x1 layout of x is only needed for the weight gradient
+        xq, xs, xtq, xts = quantize_entry(x2, wgrad, pow2, plan.quant, plan.m_major)
+        if cache is not None:
+            w8 = cache.get(weight, recipe)
+            wq, ws = w8.q, w8.scales
+            # the FP8 weight is owned by the cache for the whole step: held here, not saved as an activation
+            ctx.w8 = w8
+        else:
+            wq, ws = torch.ops.dualflow.quantize_128x128(weight.detach(), pow2, plan.quant)
+            ctx.w8 = None
+        out = gemm_entry(xq, xs, wq, ws, out_dtype, False, recipe.backend, plan.gemm)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        saved = (xtq, xts) if wgrad else ()
+        ctx.save_for_backward(*saved, *((wq, ws) if cache is None else ()))
+        ctx.recipe, ctx.plan, ctx.layer, ctx.x_shape, ctx.x_dtype = recipe, (recipe, plan), layer, x.shape, x.dtype
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype if bias is not None else None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.layer is None:  # traced: errors surface while tracing, from the operators' checks
+            return _Fp8LinearFn._backward(ctx, dy)
+        try:
+            return _Fp8LinearFn._backward(ctx, dy)
+        except (ValueError, TypeError, BackendUnavailable) as exc:
+            raise _in_layer(ctx.layer, f"backward of an output gradient of shape {tuple(dy.shape)} ({dy.dtype})",
+                            exc) from exc
+
+    @staticmethod
+    def _backward(ctx, dy):
+        recipe, (planned_for, plan) = ctx.recipe, ctx.plan
+        if recipe is not planned_for:  # the backward follows ctx.recipe, should it be given another one
+            plan = _resolve_plan(dy.device, recipe)
+        saved = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dw or need_dx:
+            gq, gs, gtq, gts = quantize_entry(dy2, need_dw, recipe.pow2_scales, plan.quant, plan.m_major)
+        if need_dw:
+            xtq, xts = saved[:2]
+            dw = gemm_entry(gtq, gts, xtq, xts, _grad_dtype_of(ctx.w_dtype), True, recipe.backend, plan.gemm)
+        if need_dx:
+            if ctx.w8 is not None:
+                wtq, wts = ctx.w8.transposed()
+            else:  # 128x128 blocks of W.T are the blocks of W transposed: same scales, same bytes
+                wq, ws = saved[-2:]
+                wtq, wts = wq.t().contiguous(), ws.t().contiguous()
+            dx = gemm_entry(gq, gs, wtq, wts, _grad_dtype_of(ctx.x_dtype), False, recipe.backend, plan.gemm)
+            dx = dx.view(ctx.x_shape)
+        if need_db and ctx.b_dtype is not None:
+            db = dy2.float().sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class _Fp8LinearCheckedFn(torch.autograd.Function):
+    """The validated path of :class:`Fp8Linear` (inputs it cannot take fast: empty, unusual dtypes): the
+    public quantizers and GEMMs, each checking its arguments; an error names the layer."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool, layer: str):
         ctx.layer = layer
         try:
-            return _Fp8LinearFn._forward(ctx, x, weight, bias, cache, recipe, wgrad)
+            return _Fp8LinearCheckedFn._forward(ctx, x, weight, bias, cache, recipe, wgrad)
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(layer, f"forward of an input of shape {tuple(x.shape)} ({x.dtype})", exc) from exc
 
     @staticmethod
     def backward(ctx, dy):
         try:
-            return (*_Fp8LinearFn._backward(ctx, dy), None)
+            return (*_Fp8LinearCheckedFn._backward(ctx, dy), None)
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(ctx.layer, f"backward of an output gradient of shape {tuple(dy.shape)} ({dy.dtype})",
                             exc) from exc
@@ -194,6 +305,7 @@ class Fp8Linear(nn.Linear):
         self.recipe = recipe or Fp8Recipe()
         self.fp8_cache = Fp8WeightCache()
         self.fp8_name = ""  # the qualified name in its model, set by convert_to_fp8 (for error messages)
+        self._fp8_plan: tuple[tuple, _Plan] | None = None
 
     def describe(self) -> str:
         """How errors name this layer: ``Fp8Linear 'layers.1.attn.wo' (in 128, out 256)``."""
@@ -218,7 +330,28 @@ class Fp8Linear(nn.Linear):
             raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad, self.describe())
+        if torch.compiler.is_compiling():
+            # traced: no weight cache (see _Fp8LinearFn); the checks the validated path makes at every call
+            # are made once here, while tracing, on the input's dtype (the shapes were checked above)
+            plan = _traced_plan(x.device, self.recipe)
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, None)
+        if x.numel() == 0 or x.dtype not in _GEMM_DTYPES or self.weight.dtype not in _GEMM_DTYPES:
+            return _Fp8LinearCheckedFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad,
+                                             self.describe())
+        try:
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe,
+                                      self._plan(x.device), _out_dtype(x), wgrad, self.describe())
+        except (ValueError, TypeError, BackendUnavailable) as exc:
+            raise _in_layer(self.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
+                            exc) from exc
+
+    def _plan(self, device: torch.device) -> _Plan:
+        # resolved once per device and recipe; the two environment variables that steer the resolution
+        # are part of the key, so that changing them takes effect as it does for the public functions
+        key = (device, self.recipe, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
+        if self._fp8_plan is None or self._fp8_plan[0] != key:
+            self._fp8_plan = (key, _resolve_plan(device, self.recipe))
+        return self._fp8_plan[1]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pow2_scales={self.recipe.pow2_scales}, backend={self.recipe.backend!r}"
@@ -230,18 +363,22 @@ class _Fp8GroupedFn(torch.autograd.Function):
                 wgrad: bool):
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         aligned = all(n % BLOCK == 0 for n in sizes)
+        saved = ()
         if wgrad and aligned:  # one pass gives both layouts; 128x1 tiles cannot mix experts' tokens
             (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x, **kw)
-            ctx.save_for_backward(xtq, xts)
+            saved = (xtq, xts)
         else:
             xq, xs = quantize_1x128(x, **kw)
             if wgrad:  # per-expert 128x1 tiles: a tile never mixes two experts' tokens
                 bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
-                ctx.save_for_backward(*[t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw)])
-        w8 = cache.get(weight, recipe)
+                saved = tuple(t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw))
+        # traced by torch.compile (no cache): the weight quantized in the graph, saved like an activation
+        w8 = cache.get(weight, recipe) if cache is not None else _Fp8Weight(*quantize_weight(weight, recipe))
+        ctx.save_for_backward(*saved, *((w8.q, w8.scales) if cache is None else ()))
         out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
                                backend=recipe.backend)
-        ctx.w8, ctx.recipe, ctx.sizes, ctx.offsets, ctx.aligned = w8, recipe, sizes, offsets, aligned
+        ctx.w8 = w8 if cache is not None else None
+        ctx.recipe, ctx.sizes, ctx.offsets, ctx.aligned = recipe, sizes, offsets, aligned
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return out
 
@@ -254,21 +391,24 @@ class _Fp8GroupedFn(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dx = dw = None
         dy = dy.contiguous()
+        saved = ctx.saved_tensors
+        w8 = ctx.w8
+        if w8 is None:  # traced: the weight's quantization is the last pair saved
+            w8, saved = _Fp8Weight(*saved[-2:]), saved[:-2]
         if need_dw and ctx.aligned:
             (gq, gs), gt = quantize_1x128_and_128x1(dy, **kw)
         else:
             gq, gs = quantize_1x128(dy, **kw)
         if need_dx:
-            wtq, wts = ctx.w8.transposed()
+            wtq, wts = w8.transposed()
             dx = fp8_grouped_gemm(gq, gs, wtq, wts, group_offsets=ctx.offsets, out_dtype=_grad_dtype_of(ctx.x_dtype),
                                   backend=recipe.backend)
         if need_dw and ctx.aligned:  # one GEMM for all experts, grouped along the tokens
             offsets = ctx.offsets.to(dy.device, non_blocking=True)
-            dw = grouped_wgrad(gt, tuple(ctx.saved_tensors), offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
+            dw = grouped_wgrad(gt, tuple(saved), offsets, recipe).to(_grad_dtype_of(ctx.w_dtype))
         elif need_dw:
-            groups, n_out = ctx.w8.q.shape[:2]
-            dw = torch.zeros(groups, n_out, ctx.w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
-            saved = ctx.saved_tensors
+            groups, n_out = w8.q.shape[:2]
+            dw = torch.zeros(groups, n_out, w8.q.shape[2], dtype=_grad_dtype_of(ctx.w_dtype), device=dy.device)
             lo = 0
             for g, size in enumerate(ctx.sizes):
                 if size:
@@ -320,7 +460,8 @@ class Fp8GroupedLinear(nn.Module):
         # host offsets (well formed by the check above): the grouped GEMMs copy them up without a synchronisation
         offsets = torch.tensor(list(itertools.accumulate(sizes, initial=0)), dtype=torch.int32)
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
-        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, self.fp8_cache, self.recipe, wgrad)
+        cache = None if torch.compiler.is_compiling() else self.fp8_cache  # see _Fp8LinearFn
+        return _Fp8GroupedFn.apply(x, self.weight, sizes, offsets, cache, self.recipe, wgrad)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"

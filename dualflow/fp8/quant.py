@@ -18,7 +18,13 @@ Layouts (the contract every GEMM backend reads):
   of ``x`` and the result is the operand of the weight-gradient GEMM, ``x.T`` quantized 1x128.
 - :func:`quantize_1x128_and_128x1` reads ``x`` once and returns both of the above.
 
-All FP8 tensors are contiguous row-major ``torch.float8_e4m3fn``; all scales contiguous row-major FP32.
+All FP8 tensors are contiguous row-major ``torch.float8_e4m3fn``; all scales contiguous row-major FP32,
+unless ``m_major_scales=True`` asks for the 1x128 scales (of ``x`` and of ``x.T``) with strides
+``(1, rows)`` instead: the same values in the layout torch's block-scaled matmul reads, which then needs
+no copy kernel per GEMM operand (every GEMM backend reads either layout).
+
+Each quantizer validates its arguments and calls its custom operator ``torch.ops.dualflow.*``
+(:mod:`dualflow.fp8.ops`), so that ``torch.compile`` traces it without a graph break.
 """
 
 from __future__ import annotations
@@ -86,6 +92,43 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, tile_rows: int) -> torch.T
     return q.float() * expand
 
 
+def empty_scales(rows: int, cols: int, device: torch.device, m_major: bool = False) -> torch.Tensor:
+    """An uninitialised FP32 ``[rows, cols]`` scale tensor, row-major or (``m_major``) with strides exactly
+    ``(1, max(rows, 1))``: torch checks the strides literally, and a size-1 dimension is not free to take
+    any stride there."""
+    if not m_major:
+        return torch.empty(rows, cols, dtype=torch.float32, device=device)
+    return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=torch.float32, device=device)
+
+
+def _as_m_major(s: torch.Tensor) -> torch.Tensor:
+    return empty_scales(*s.shape, s.device, True).copy_(s)
+
+
+def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool, backend: str,
+                  m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """``(q, scales, qt, scales_t)`` of the layouts asked for (``None`` for the others), unvalidated: the
+    implementation behind the operators of :mod:`dualflow.fp8.ops`. ``backend`` is resolved when it is not
+    already ``reference`` or ``triton``; ``m_major`` applies to the 1x128 scales only."""
+    if backend not in ("reference", "triton"):
+        backend = resolve_quant_backend(backend, x.device)
+    if backend == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        return _triton(x, rowwise=rowwise, colwise=colwise, blockwise=blockwise, pow2_scales=pow2_scales,
+                       m_major=m_major)
+    q = s = qt = st = None
+    if rowwise or blockwise:
+        q, s = _reference(x, BLOCK if blockwise else 1, pow2_scales)
+        if m_major and not blockwise:
+            s = _as_m_major(s)
+    if colwise:
+        qt, st = _reference(x.t(), 1, pow2_scales)
+        if m_major:
+            st = _as_m_major(st)
+    return q, s, qt, st
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
@@ -136,16 +179,16 @@ def _tile_t(i: int, j: int) -> str:  # scales of the 128x1 layout are indexed [c
     return f"tile x[{j * BLOCK}:{(j + 1) * BLOCK}, {i}]"
 
 
+def _ops():
+    # the operators are registered by dualflow.fp8.ops, which imports this module (hence the late lookup)
+    return torch.ops.dualflow
+
+
 def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
-                   backend: QuantBackend = "auto") -> Quantized:
+                   backend: QuantBackend = "auto", m_major_scales: bool = False) -> Quantized:
     """1x128 tiles (activations, output gradients): ``x[R, C]`` -> ``(q[R, C], scales[R, ceil(C/128)])``."""
     _validate(x, "quantize_1x128")
-    if _resolve(backend, x) == "triton":
-        from dualflow.fp8.kernels.quant import quantize as _triton
-
-        q, s, _, _ = _triton(x, rowwise=True, colwise=False, blockwise=False, pow2_scales=pow2_scales)
-    else:
-        q, s = _reference(x, 1, pow2_scales)
+    q, s = _ops().quantize_1x128(x, pow2_scales, _resolve(backend, x), m_major_scales)
     if check:
         _check_finite(s, lambda i, j: _tile(i, j, 1))
     return q, s
@@ -155,42 +198,28 @@ def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, check: bool 
                      backend: QuantBackend = "auto") -> Quantized:
     """128x128 blocks (weights): ``w[R, C]`` -> ``(q[R, C], scales[ceil(R/128), ceil(C/128)])``."""
     _validate(w, "quantize_128x128")
-    if _resolve(backend, w) == "triton":
-        from dualflow.fp8.kernels.quant import quantize as _triton
-
-        q, s, _, _ = _triton(w, rowwise=False, colwise=False, blockwise=True, pow2_scales=pow2_scales)
-    else:
-        q, s = _reference(w, BLOCK, pow2_scales)
+    q, s = _ops().quantize_128x128(w, pow2_scales, _resolve(backend, w))
     if check:
         _check_finite(s, lambda i, j: _tile(i, j, BLOCK))
     return q, s
 
 
 def quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
-                   backend: QuantBackend = "auto") -> Quantized:
+                   backend: QuantBackend = "auto", m_major_scales: bool = False) -> Quantized:
     """128x1 tiles along the rows: ``x[R, C]`` -> ``(qt[C, R], scales[C, ceil(R/128)])``, i.e. ``x.T`` 1x128."""
     _validate(x, "quantize_128x1")
-    if _resolve(backend, x) == "triton":
-        from dualflow.fp8.kernels.quant import quantize as _triton
-
-        _, _, qt, st = _triton(x, rowwise=False, colwise=True, blockwise=False, pow2_scales=pow2_scales)
-    else:
-        qt, st = _reference(x.t(), 1, pow2_scales)
+    qt, st = _ops().quantize_128x1(x, pow2_scales, _resolve(backend, x), m_major_scales)
     if check:
         _check_finite(st, _tile_t)
     return qt, st
 
 
 def quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,
-                             backend: QuantBackend = "auto") -> tuple[Quantized, Quantized]:
+                             backend: QuantBackend = "auto",
+                             m_major_scales: bool = False) -> tuple[Quantized, Quantized]:
     """Both :func:`quantize_1x128` and :func:`quantize_128x1` of ``x`` from a single read of ``x``."""
     _validate(x, "quantize_1x128_and_128x1")
-    if _resolve(backend, x) == "triton":
-        from dualflow.fp8.kernels.quant import quantize as _triton
-
-        q, s, qt, st = _triton(x, rowwise=True, colwise=True, blockwise=False, pow2_scales=pow2_scales)
-    else:
-        (q, s), (qt, st) = _reference(x, 1, pow2_scales), _reference(x.t(), 1, pow2_scales)
+    q, s, qt, st = _ops().quantize_1x128_and_128x1(x, pow2_scales, _resolve(backend, x), m_major_scales)
     if check:
         _check_finite(s, lambda i, j: _tile(i, j, 1))
         _check_finite(st, _tile_t)

@@ -43,7 +43,8 @@ def _compile(fn, signature: dict, constexprs: dict, hinted: list[str], arch: int
 def _quantizer() -> dict:
     from dualflow.fp8.kernels import quant
 
-    order = ["x_ptr", "R", "C", "sxr", "sxc", "q_ptr", "s_ptr", "sqr", "ssr", "qt_ptr", "st_ptr", "sqtr", "sstr"]
+    order = ["x_ptr", "R", "C", "sxr", "sxc", "q_ptr", "s_ptr", "sqr", "ssr", "ssc", "qt_ptr", "st_ptr", "sqtr",
+             "sstr", "sstc"]
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32"}
     hinted = ["x_ptr", "q_ptr", "qt_ptr", "R", "C", "sxr"]
     report = {}

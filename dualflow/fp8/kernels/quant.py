@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX
+from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, empty_scales
 
 _FLOOR = tl.constexpr(AMAX_FLOOR)
 _MAX = tl.constexpr(FP8_MAX)
@@ -39,8 +39,8 @@ def _to_fp8(y):
 
 @triton.jit
 def _quant_kernel(x_ptr, R, C, sxr, sxc,
-                  q_ptr, s_ptr, sqr, ssr,
-                  qt_ptr, st_ptr, sqtr, sstr,
+                  q_ptr, s_ptr, sqr, ssr, ssc,
+                  qt_ptr, st_ptr, sqtr, sstr, sstc,
                   ROWWISE: tl.constexpr, COLWISE: tl.constexpr, BLOCKWISE: tl.constexpr, POW2: tl.constexpr,
                   TILE_R: tl.constexpr, TILE_C: tl.constexpr):
     # A program covers TILE_R x TILE_C of x. Every scale group must lie inside one program: 1x128 needs
@@ -63,19 +63,19 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
         scale = _scale(tl.max(ax, axis=1), tl.max(nan, axis=1) > 0, POW2)
         q = _to_fp8(x * tl.math.div_rn(one_r, scale)[:, None])
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
-        tl.store(s_ptr + rows64 * ssr + pid_c, scale, mask=in_r)
+        tl.store(s_ptr + rows64 * ssr + pid_c * ssc, scale, mask=in_r)
     if COLWISE:  # 128x1: one scale per column, written transposed ([C, R])
         scale = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
         q = _to_fp8(x * tl.math.div_rn(one_c, scale)[None, :])
         mask_t = in_c[:, None] & in_r[None, :]
         tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=mask_t)
-        tl.store(st_ptr + cols64 * sstr + pid_r, scale, mask=in_c)
+        tl.store(st_ptr + cols64 * sstr + pid_r * sstc, scale, mask=in_c)
     if BLOCKWISE:  # 128x128: one scale for the tile
         has_nan = tl.max(tl.max(nan, axis=1), axis=0) > 0
         scale = _scale(tl.max(tl.max(ax, axis=1), axis=0), has_nan, POW2)
         q = _to_fp8(x * tl.math.div_rn(1.0, scale))
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
-        tl.store(s_ptr + pid_r * ssr + pid_c, scale)
+        tl.store(s_ptr + pid_r * ssr + pid_c * ssc, scale)
 
 
 def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
@@ -95,11 +95,14 @@ def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
 
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
-             tile_c: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor | None, ...]:
+             tile_c: int | None = None, num_warps: int | None = None,
+             m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
     ``tile_c`` (columns per program, 128 unless the 128x1 layout is alone) and ``num_warps`` default to
-    :func:`launch_settings`.
+    :func:`launch_settings`. ``m_major`` writes the 1x128 scales (``scales`` of the rowwise layout and
+    ``scales_t``) with strides ``(1, rows)`` instead of row-major: the layout torch's block-scaled matmul
+    reads, which saves a copy kernel per GEMM operand (:func:`dualflow.fp8.quant.empty_scales`).
     """
     default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
     tile_c, num_warps = tile_c or default_c, num_warps or default_warps
@@ -110,19 +113,19 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
     q = s = qt = st = None
     if rowwise or blockwise:
         q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
-        s = torch.empty((rb if blockwise else rows), cb, dtype=torch.float32, device=x.device)
+        s = empty_scales(rb if blockwise else rows, cb, x.device, m_major and not blockwise)
     if colwise:
         qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
-        st = torch.empty(cols, rb, dtype=torch.float32, device=x.device)
+        st = empty_scales(cols, rb, x.device, m_major)
     if x.numel() == 0:
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
     _quant_kernel[(rb, triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
-        first, first_s, cols, first_s.stride(0),
+        first, first_s, cols, first_s.stride(0), first_s.stride(1),
         qt if qt is not None else first, st if st is not None else first_s, rows,
-        st.stride(0) if st is not None else 0,
+        st.stride(0) if st is not None else 0, st.stride(1) if st is not None else 0,
         ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE_R=BLOCK, TILE_C=tile_c,
         num_warps=num_warps,
     )
