@@ -12,7 +12,8 @@ eight identical layers compile once.
   expert-parallel rank receive a different number of rows at every step, so that phase stays eager.
 - Only phases run with gradients are compiled; validation (``torch.no_grad``) runs the eager functions
   rather than compiling a second, inference-only version of every phase for a few batches.
-- Phases holding FP8 modules whose weight caches are host state (see :func:`eager_reason`) stay eager.
+- FP8 layers trace through their custom operators; compiled, they quantize their weights inside the
+  graph at every call instead of keeping them cached for the step (``dualflow.fp8.nn``).
 - A phase whose compilation fails stays eager for the rest of the run; one line is logged per distinct
   failure (torch 2.11-2.13 cannot trace the float32 grouped GEMM of the experts, for one). A real error
   of the phase itself is raised again by the eager run.
@@ -36,7 +37,7 @@ _log = get_logger("dualflow.train")
 
 
 def eager_reason(phase: Phase) -> str | None:
-    """Why ``phase`` is not compiled (None: it is): communication, data-dependent shapes, FP8 weight caches."""
+    """Why ``phase`` is not compiled (None: it is): communication, data-dependent shapes, the embedding."""
     if phase.kind != "compute":
         return "a communication phase"
     if not phase.static:
@@ -45,12 +46,6 @@ def eager_reason(phase: Phase) -> str | None:
         # a lookup, nothing to fuse; compiled, its backward sums the rows of repeated tokens in another
         # order (with atomics on a GPU: run to run differences)
         return "the embedding lookup (nothing to fuse; its compiled backward is not deterministic)"
-    for module in phase.modules:
-        for sub in module.modules():
-            # the FP8 layers keep their quantized weights in host-side caches keyed on version counters and
-            # optimizer steps, which a compiled graph would freeze at trace time
-            if getattr(sub, "fp8_recipe", None) is not None or hasattr(sub, "fp8_cache"):
-                return "it holds FP8 layers (their weight caches are host state)"
     return None
 
 

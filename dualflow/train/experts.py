@@ -210,10 +210,21 @@ class GroupedExperts(nn.Module):
             out = grouped_swiglu(permuted, self.w13, self.w2, plan.ends)
         return _Combine.apply(out, weights, plan, x.dtype)
 
+    def enable_fp8(self, recipe: Any) -> None:
+        """Run the expert GEMMs in FP8 with ``recipe`` (a dualflow.fp8.Fp8Recipe), on the weights' device.
+
+        The device error flag is made here, before any compiled region runs: created while tracing, it would
+        be a tensor of the graph rather than state of the module."""
+        from dualflow.fp8 import Fp8ErrorFlag
+
+        self.fp8_recipe = recipe
+        self._fp8_errors = Fp8ErrorFlag(self.w13.device)
+
     def _fp8(self, permuted: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         from dualflow.fp8 import Fp8ErrorFlag, Fp8WeightCache, fp8_grouped_mlp
 
-        if self._fp8_caches is None:
+        # compiled, the weights are quantized inside the graph (dualflow.fp8.moe): no cache to make
+        if self._fp8_caches is None and not torch.compiler.is_compiling():
             self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
         if self._fp8_errors is None or self._fp8_errors.device != permuted.device:
             self._fp8_errors = Fp8ErrorFlag(permuted.device)

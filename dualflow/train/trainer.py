@@ -138,7 +138,7 @@ class Trainer:
         reports = [convert_to_fp8(stage, recipe) for stage in self.stages]
         grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
         for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)
-            experts.fp8_recipe = recipe
+            experts.enable_fp8(recipe)
         self.fp8_experts = grouped
         converted = sum(len(r.converted) for r in reports)
         kept = sorted({name.split(".")[-1] for r in reports for name, _ in r.skipped})
