@@ -149,17 +149,23 @@ class _Plan(NamedTuple):
     m_major: bool  # 1x128 scales quantized straight into the layout torch's scaled matmul reads
 
 
-def _resolve_plan(device: torch.device, recipe: Fp8Recipe) -> _Plan:
-    quant = resolve_quant_backend(recipe.quant_backend, device)
+def _plan_of(device: torch.device, quant_backend: str, gemm_backend: str) -> _Plan:
+    quant = resolve_quant_backend(quant_backend, device)
     try:
-        gemm = resolve_backend(recipe.backend, device, "dense")
+        gemm = resolve_backend(gemm_backend, device, "dense")
     except (BackendUnavailable, ValueError):
         gemm = None  # the first GEMM raises the full error, from inside the layer
     return _Plan(quant, gemm, gemm == "torch")
 
 
+def _resolve_plan(device: torch.device, recipe: Fp8Recipe) -> _Plan:
+    return _plan_of(device, recipe.quant_backend, recipe.backend)
+
+
 # Under torch.compile the plan is a constant of the graph: worked out once while tracing, like the shapes.
-_traced_plan = torch.compiler.assume_constant_result(_resolve_plan)
+# Its arguments must be constants too: strings, not the recipe (torch 2.11's compiler cannot make a
+# constant of a frozen dataclass with a __post_init__, and the phase then fails to compile).
+_traced_plan = torch.compiler.assume_constant_result(_plan_of)
 
 
 class _Fp8LinearFn(torch.autograd.Function):
@@ -333,7 +339,7 @@ class Fp8Linear(nn.Linear):
         if torch.compiler.is_compiling():
             # traced: no weight cache (see _Fp8LinearFn); the checks the validated path makes at every call
             # are made once here, while tracing, on the input's dtype (the shapes were checked above)
-            plan = _traced_plan(x.device, self.recipe)
+            plan = _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
             return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, None)
         if x.numel() == 0 or x.dtype not in _GEMM_DTYPES or self.weight.dtype not in _GEMM_DTYPES:
             return _Fp8LinearCheckedFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad,
