@@ -3,7 +3,7 @@
 The math, identical bit for bit in every backend:
 
     amax  = max |x| over the tile, in FP32 (a ragged edge is read as zero-padded)
-    scale = max(amax, 1e-4) / 448                 (optionally rounded up to a power of two)
+    scale = max(amax, 1e-30) / 448                (optionally rounded up to a power of two)
     q     = e4m3(clamp(x * (1 / scale), -448, 448))   round to nearest even
 
 ``1 / scale`` is a correctly rounded FP32 reciprocal and ``x * (1 / scale)`` a multiplication, not a
@@ -40,7 +40,11 @@ from dualflow.fp8.triton_support import triton_unavailable_reason
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
+# The floor only keeps the scale of an all-zero tile finite (1 / scale = 4.5e32): it must never bind on
+# real data. A floor of 1e-4 (common in inference kernels, where activations are O(1)) binds on every
+# gradient tile of a mean-reduced loss over 16k tokens (amax ~1e-5 and below) and cost 2.7% of
+# validation loss after 120 steps of an FP8 training run (benchmarks/NOTES_gpu.md).
+AMAX_FLOOR = 1e-30
 
 QuantBackend = Literal["auto", "reference", "triton"]
 Quantized = tuple[torch.Tensor, torch.Tensor]
@@ -60,7 +64,7 @@ def round_scale_up_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 
 def scale_from_amax(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
-    """``max(amax, 1e-4) / 448`` in FP32 (NaN propagates), optionally rounded up to a power of two."""
+    """``max(amax, AMAX_FLOOR) / 448`` in FP32 (NaN propagates), optionally rounded up to a power of two."""
     amax = amax.float().clamp(min=AMAX_FLOOR)
     # Divide by a tensor, not by a Python number: on CUDA, torch turns division by a scalar into a
     # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).

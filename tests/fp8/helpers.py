@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dualflow.fp8 import dequantize
+from dualflow.fp8.quant import AMAX_FLOOR
 
 KINDS = ("normal", "zero_tiles", "at_clamp", "near_448", "subnormal", "huge_tiny", "nonfinite")
 
@@ -17,11 +18,11 @@ def adversarial(rows: int, cols: int, kind: str, dtype: torch.dtype = torch.floa
         x[::3, :128] = 0.0
         x[:128, 128:256] = 0.0
         x[1::5] = -0.0 * x[1::5].sign()
-    elif kind == "at_clamp":  # tile amax exactly at, just below and just above the 1e-4 floor
-        floor = torch.tensor(1e-4, dtype=torch.float32)
+    elif kind == "at_clamp":  # tile amax exactly at, just below and just above the amax floor
+        floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32)
         near = torch.stack([floor, torch.nextafter(floor, torch.tensor(0.0)),
                             torch.nextafter(floor, torch.tensor(1.0))])
-        x = x / x.abs().amax() * 1e-4
+        x = x / x.abs().amax() * AMAX_FLOOR
         x[:, ::128] = near[torch.arange(rows) % 3][:, None]
     elif kind == "near_448":  # amax 448 (scale 1): e4m3 rounding ties, the top of the range
         ties = torch.tensor([1.0625, 1.1875, 432.0, 416.0, 440.0, 447.9, 448.0, -448.0, 0.01, 3.3e-3])

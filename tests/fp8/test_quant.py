@@ -16,6 +16,7 @@ from dualflow.fp8 import (
     quantize_128x1,
     quantize_128x128,
 )
+from dualflow.fp8.quant import AMAX_FLOOR
 from tests.fp8.helpers import KINDS, adversarial, assert_same_fp8, assert_same_scales
 
 REF = dict(backend="reference")
@@ -32,7 +33,7 @@ def _tile_by_tile(x: torch.Tensor, tile_rows: int) -> tuple[torch.Tensor, torch.
         for j in range(cb):
             tile = xf[i * tile_rows:(i + 1) * tile_rows, j * 128:(j + 1) * 128]
             amax = np.float32(np.max(np.abs(tile))) if not np.isnan(tile).any() else np.float32("nan")
-            scale = np.float32(amax if np.isnan(amax) else max(amax, np.float32(1e-4))) / np.float32(448.0)
+            scale = np.float32(amax if np.isnan(amax) else max(amax, np.float32(AMAX_FLOOR))) / np.float32(448.0)
             scales[i, j] = scale
             with np.errstate(invalid="ignore"):  # inf * 0 in a tile whose scale is inf
                 y[i * tile_rows:(i + 1) * tile_rows, j * 128:(j + 1) * 128] = tile * (np.float32(1.0) / scale)
@@ -112,7 +113,7 @@ def test_rounding_ties_go_to_even_and_448_saturates():
 
 def test_all_zero_tile_uses_the_amax_floor():
     q, s = quantize_1x128(torch.zeros(3, 256), **REF)
-    assert torch.equal(s, torch.full((3, 2), np.float32(1e-4) / np.float32(448.0)))
+    assert torch.equal(s, torch.full((3, 2), np.float32(AMAX_FLOOR) / np.float32(448.0)))
     assert not q.float().any()
 
 
