@@ -35,6 +35,6 @@ def test_fp8_final_loss_at_most_one_percent_above_bf16_with_small_gradients(tmp_
     assert base < 0.5 * bf16.val_losses[0]  # both learned
     rel = (got - base) / base
     print(f"\nFP8 vs BF16 after 120 steps: validation loss {got:.4f} vs {base:.4f}, relative difference {rel:.4%}")
-    # One-sided: FP8 ending lower is the same two trajectories parting by chance (seen: -0.5% and +0.6% on
-    # two machines); the broken floor ended 2.0% higher.
+    # One-sided: FP8 ending lower is the same two trajectories parting by chance (seen: -0.5% and +0.6% in
+    # two runs with different thread settings); the broken floor ended 2.0% higher.
     assert rel < 0.01
