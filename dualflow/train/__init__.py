@@ -7,6 +7,7 @@ bring in the other subpackages load them when used: ``dualflow.train.ep`` (``dua
 """
 
 from dualflow.train.checkpoint import CheckpointManager, CheckpointSaveError, UnsafeCheckpointError, read_model_state
+from dualflow.train.compile import PhaseCompiler
 from dualflow.train.config import CheckpointConfig, RunConfig, TrainConfig
 from dualflow.train.data import BatchLoader, DataConfig, load_streams, validation_batches
 from dualflow.train.exchange import Exchange, LocalExchange, Received
@@ -36,6 +37,7 @@ __all__ = [
     "OverlappedStage",
     "ParallelConfig",
     "ParallelLayout",
+    "PhaseCompiler",
     "PipelineStage",
     "Received",
     "RunConfig",
