@@ -42,8 +42,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # The floor only keeps the scale of an all-zero tile finite (1 / scale = 4.5e32): it must never bind on
 # real data. A floor of 1e-4 (common in inference kernels, where activations are O(1)) binds on every
-# gradient tile of a mean-reduced loss over 16k tokens (amax ~1e-5 and below) and cost 2.7% of
-# validation loss after 120 steps of an FP8 training run (benchmarks/NOTES_gpu.md).
+# gradient tile of a mean-reduced loss over 16k tokens (amax ~1e-5 and below); it is the likely cause
+# of the FP8 training loss drifting above BF16's (benchmarks/RESULTS.md, 2026-12-02).
 AMAX_FLOOR = 1e-30
 
 QuantBackend = Literal["auto", "reference", "triton"]

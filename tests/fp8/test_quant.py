@@ -114,8 +114,8 @@ def test_rounding_ties_go_to_even_and_448_saturates():
 @pytest.mark.parametrize("amax", [1e-5, 1e-9, 1e-20])
 def test_gradient_sized_tiles_keep_e4m3_precision(amax):
     # The gradients of a loss averaged over many tokens are tiny (1e-5 and below per element): their tiles
-    # must be scaled to their own amax, as large ones are. (A floor of 1e-4 on the amax flushed a 1e-9
-    # tile to zero and cost FP8 training 2.7% of validation loss.) E4M3 keeps 3 mantissa bits: every
+    # must be scaled to their own amax, as large ones are (a floor of 1e-4 on the amax flushed a 1e-9
+    # tile to zero; benchmarks/RESULTS.md, 2026-12-02). E4M3 keeps 3 mantissa bits: every
     # element at or above 2^-6 of the tile's amax (E4M3's normal range after scaling) within 2^-4 of itself.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 256, generator=g, dtype=torch.float64)
