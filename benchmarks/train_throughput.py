@@ -18,6 +18,9 @@ invocation. Variants run one after the other: on a GPU compare them within one i
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
 ``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
+``val loss`` is the validation loss after the last step (``--val-batches`` batches, 1 by default): with
+the same seed and data it compares the variants' quality, e.g. FP8 against BF16 after 300 steps
+(``--steps 300 --val-batches 8 --variants base,fp8``).
 ``--profile`` profiles one step after the warm-up of each dualflow variant and prints where its time
 went (host vs device, top kernels; train/profile.py); the full text stays in the run directory.
 No variant writes a checkpoint (``checkpoint.enabled = false``): a model of this size with its optimizer
@@ -56,12 +59,14 @@ VARIANTS = {
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
-COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss"]
+COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss", "val loss"]
 
 
 def summarize(metrics: Path, warmup: int) -> dict:
     """Medians of a run's metrics.jsonl over the steps after ``warmup``."""
-    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "tokens_per_s" in r]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_s" in r]
+    vals = [r for r in records if "val_loss" in r and r["step"] > 0]
     timed = [r for r in steps if r["step"] > warmup] or steps
     if not timed:
         raise ValueError(f"{metrics} holds no training step")
@@ -73,6 +78,7 @@ def summarize(metrics: Path, warmup: int) -> dict:
         "mfu": statistics.median(mfu) if mfu else None,
         "peak_mb": max(r.get("peak_memory_mb") or 0.0 for r in timed),
         "final_loss": steps[-1]["loss"],
+        "val_loss": vals[-1]["val_loss"] if vals else None,  # at the last step (val_every = steps)
     }
 
 
@@ -80,7 +86,7 @@ def _run(config: Path, nproc: int, steps: int, extra: list[str], run_dir: Path, 
     cmd = [sys.executable, "-m", "dualflow", "launch", "--nproc-per-node", str(nproc), "--log-dir",
            str(run_dir / "logs"), "--", "-m", "dualflow", "train", str(config.resolve()), "--fresh",
            f"--train.steps={steps}", f"--train.run_dir={run_dir}", f"--train.val_every={steps}",
-           "--train.val_batches=1", "--checkpoint.enabled=false", *extra]
+           "--checkpoint.enabled=false", *extra]
     _call(cmd, log)
 
 
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every variant (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each dualflow variant")
+    parser.add_argument("--val-batches", type=int, default=1,
+                        help="validation batches at the last step (the val loss column; more for a quality comparison)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [s.removeprefix("--") for s in args.set]
     if args.smoke:  # 2 processes: 1 pipeline rank x 2 expert-parallel ranks, a small batch
         sets = ["parallel.pp=1", "parallel.dp=2", "parallel.microbatches=2", "train.global_batch=4", *sets]
-    extra = [f"--{s}" for s in sets]
+    extra = [f"--{s}" for s in sets] + [f"--train.val_batches={args.val_batches}"]
     if args.profile:
         extra.append(f"--train.profile_step={min(warmup + 2, steps)}")
     nproc = args.nproc or (2 if args.smoke else _world(config))
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"variant": name, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
                    "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
-                   "final loss": s["final_loss"]}
+                   "final loss": s["final_loss"], "val loss": s.get("val_loss") or "-"}
             table.add(**row)
             rows.append(row)
     table.print()

@@ -28,6 +28,10 @@ def test_summary_leaves_the_warmup_out(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     got = _module().summarize(path, warmup=2)
+    assert got["val_loss"] is None  # only the initial validation: no loss after training
+    path.write_text(path.read_text() + json.dumps({"step": 7, "val_loss": 4.25}) + "\n")
+    got = _module().summarize(path, warmup=2)
+    assert got["val_loss"] == 4.25
     assert got["steps"] == 5  # steps 3..7
     assert got["tokens_per_s"] == 1005.0 and got["step_ms"] == pytest.approx(100.0)
     assert got["mfu"] == 0.25 and got["peak_mb"] == 70.0 and got["final_loss"] == pytest.approx(4.3)
