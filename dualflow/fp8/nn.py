@@ -162,6 +162,27 @@ def _resolve_plan(device: torch.device, recipe: Fp8Recipe) -> _Plan:
     return _plan_of(device, recipe.quant_backend, recipe.backend)
 
 
+def _quantize(x2: torch.Tensor, colwise: bool, recipe: Fp8Recipe, plan: _Plan | None) -> tuple:
+    """``(q, s, qt, st)`` of ``x2`` (``qt, st`` None without ``colwise``): through the planned kernels, or with no
+    plan through the public quantizers, which check their input (inputs the planned path does not take)."""
+    if plan is not None:
+        return quantize_entry(x2, colwise, recipe.pow2_scales, plan.quant, plan.m_major)
+    kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+    if colwise:
+        (q, s), (qt, st) = quantize_1x128_and_128x1(x2, **kw)
+        return q, s, qt, st
+    return (*quantize_1x128(x2, **kw), None, None)
+
+
+def _gemm(a, a_scales, b, b_scales, out_dtype: torch.dtype, b_rowwise: bool, recipe: Fp8Recipe,
+          plan: _Plan | None) -> torch.Tensor:
+    """``a @ b.T``: through the planned backend, or with no plan through :func:`fp8_gemm`, which checks it all."""
+    if plan is not None:
+        return gemm_entry(a, a_scales, b, b_scales, out_dtype, b_rowwise, recipe.backend, plan.gemm)
+    return fp8_gemm(a, a_scales, b, b_scales, out_dtype=out_dtype, backend=recipe.backend,
+                    b_block="1x128" if b_rowwise else "128x128")
+
+
 # Under torch.compile the plan is a constant of the graph: worked out once while tracing, like the shapes.
 # Its arguments must be constants too: strings, not the recipe (torch 2.11's compiler cannot make a
 # constant of a frozen dataclass with a __post_init__, and the phase then fails to compile).
@@ -170,17 +191,21 @@ _traced_plan = torch.compiler.assume_constant_result(_plan_of)
 
 class _Fp8LinearFn(torch.autograd.Function):
     """The three FP8 GEMMs of a linear layer. Eager (``cache`` given): the FP8 weight comes from the layer's
-    :class:`Fp8WeightCache` and the kernels are called directly. Traced by ``torch.compile`` (``cache`` None):
-    the weight is quantized inside the graph at every call (the cache's Python state, keyed on version
-    counters and optimizer steps, cannot be traced) and every kernel is a ``torch.ops.dualflow`` operator."""
+    :class:`Fp8WeightCache` and the kernels are called directly as ``plan`` says, or, with no plan (an input
+    the planned path does not take: empty, an unusual dtype), through the public functions, which check
+    every argument. Traced by ``torch.compile`` (``cache`` None): the weight is quantized inside the graph
+    at every call (the cache's Python state, keyed on version counters and optimizer steps, cannot be
+    traced) and every kernel is a ``torch.ops.dualflow`` operator. ``out_dtype`` None: worked out after the
+    input is quantized (whose checks speak first)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan,
-                out_dtype: torch.dtype, wgrad: bool, layer: str | None):
+    def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan | None,
+                out_dtype: torch.dtype | None, wgrad: bool, layer: str | None):
         pow2 = recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1])
         # the 128x1 layout of x is only needed for the weight gradient
-        xq, xs, xtq, xts = quantize_entry(x2, wgrad, pow2, plan.quant, plan.m_major)
+        xq, xs, xtq, xts = _quantize(x2, wgrad, recipe, plan)
+        out_dtype = out_dtype or _out_dtype(x)
         if cache is not None:
             w8 = cache.get(weight, recipe)
             wq, ws = w8.q, w8.scales
@@ -189,7 +214,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         else:
             wq, ws = torch.ops.dualflow.quantize_128x128(weight.detach(), pow2, plan.quant)
             ctx.w8 = None
-        out = gemm_entry(xq, xs, wq, ws, out_dtype, False, recipe.backend, plan.gemm)
+        out = _gemm(xq, xs, wq, ws, out_dtype, False, recipe, plan)
         if bias is not None:
             out = out + bias.to(out.dtype)
         saved = (xtq, xts) if wgrad else ()
@@ -211,88 +236,28 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         recipe, (planned_for, plan) = ctx.recipe, ctx.plan
-        if recipe is not planned_for:  # the backward follows ctx.recipe, should it be given another one
+        if plan is not None and recipe is not planned_for:  # the backward follows ctx.recipe, given another one
             plan = _resolve_plan(dy.device, recipe)
         saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_dw or need_dx:
-            gq, gs, gtq, gts = quantize_entry(dy2, need_dw, recipe.pow2_scales, plan.quant, plan.m_major)
+            gq, gs, gtq, gts = _quantize(dy2, need_dw, recipe, plan)
         if need_dw:
             xtq, xts = saved[:2]
-            dw = gemm_entry(gtq, gts, xtq, xts, _grad_dtype_of(ctx.w_dtype), True, recipe.backend, plan.gemm)
+            dw = _gemm(gtq, gts, xtq, xts, _grad_dtype_of(ctx.w_dtype), True, recipe, plan)
         if need_dx:
             if ctx.w8 is not None:
                 wtq, wts = ctx.w8.transposed()
             else:  # 128x128 blocks of W.T are the blocks of W transposed: same scales, same bytes
                 wq, ws = saved[-2:]
                 wtq, wts = wq.t().contiguous(), ws.t().contiguous()
-            dx = gemm_entry(gq, gs, wtq, wts, _grad_dtype_of(ctx.x_dtype), False, recipe.backend, plan.gemm)
+            dx = _gemm(gq, gs, wtq, wts, _grad_dtype_of(ctx.x_dtype), False, recipe, plan)
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None, None, None, None, None
-
-
-class _Fp8LinearCheckedFn(torch.autograd.Function):
-    """The validated path of :class:`Fp8Linear` (inputs it cannot take fast: empty, unusual dtypes): the
-    public quantizers and GEMMs, each checking its arguments; an error names the layer."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool, layer: str):
-        ctx.layer = layer
-        try:
-            return _Fp8LinearCheckedFn._forward(ctx, x, weight, bias, cache, recipe, wgrad)
-        except (ValueError, TypeError, BackendUnavailable) as exc:
-            raise _in_layer(layer, f"forward of an input of shape {tuple(x.shape)} ({x.dtype})", exc) from exc
-
-    @staticmethod
-    def backward(ctx, dy):
-        try:
-            return (*_Fp8LinearCheckedFn._backward(ctx, dy), None)
-        except (ValueError, TypeError, BackendUnavailable) as exc:
-            raise _in_layer(ctx.layer, f"backward of an output gradient of shape {tuple(dy.shape)} ({dy.dtype})",
-                            exc) from exc
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, cache: Fp8WeightCache, recipe: Fp8Recipe, wgrad: bool):
-        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
-        x2 = x.reshape(-1, x.shape[-1])
-        if wgrad:  # the 128x1 layout of x is only needed for the weight gradient
-            (xq, xs), (xtq, xts) = quantize_1x128_and_128x1(x2, **kw)
-            ctx.save_for_backward(xtq, xts)
-        else:
-            xq, xs = quantize_1x128(x2, **kw)
-        w8 = cache.get(weight, recipe)
-        out = fp8_gemm(xq, xs, w8.q, w8.scales, out_dtype=_out_dtype(x), backend=recipe.backend)
-        if bias is not None:
-            out += bias.to(out.dtype)
-        # the FP8 weight is owned by the cache for the whole step: held here, not saved as an activation
-        ctx.w8, ctx.recipe, ctx.x_shape, ctx.x_dtype = w8, recipe, x.shape, x.dtype
-        ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype if bias is not None else None
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def _backward(ctx, dy):
-        recipe = ctx.recipe
-        kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if need_dw:
-            (gq, gs), (gtq, gts) = quantize_1x128_and_128x1(dy2, **kw)
-            xtq, xts = ctx.saved_tensors
-            dw = fp8_gemm(gtq, gts, xtq, xts, out_dtype=_grad_dtype_of(ctx.w_dtype), backend=recipe.backend)
-        elif need_dx:
-            gq, gs = quantize_1x128(dy2, **kw)
-        if need_dx:
-            wtq, wts = ctx.w8.transposed()
-            dx = fp8_gemm(gq, gs, wtq, wts, out_dtype=_grad_dtype_of(ctx.x_dtype), backend=recipe.backend)
-            dx = dx.view(ctx.x_shape)
-        if need_db and ctx.b_dtype is not None:
-            db = dy2.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -337,16 +302,17 @@ class Fp8Linear(nn.Linear):
                              f"{tuple(x.shape)}")
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
         if torch.compiler.is_compiling():
-            # traced: no weight cache (see _Fp8LinearFn); the checks the validated path makes at every call
+            # traced: no weight cache (see _Fp8LinearFn); the checks the planless (checking) path makes at every call
             # are made once here, while tracing, on the input's dtype (the shapes were checked above)
             plan = _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
             return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, None)
-        if x.numel() == 0 or x.dtype not in _GEMM_DTYPES or self.weight.dtype not in _GEMM_DTYPES:
-            return _Fp8LinearCheckedFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, wgrad,
-                                             self.describe())
+        # an input the planned kernels do not take goes through the public functions (plan None), whose checks
+        # name what is wrong
+        planned = x.numel() > 0 and x.dtype in _GEMM_DTYPES and self.weight.dtype in _GEMM_DTYPES
+        plan = self._plan(x.device) if planned else None
         try:
-            return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe,
-                                      self._plan(x.device), _out_dtype(x), wgrad, self.describe())
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, plan,
+                                      _out_dtype(x) if planned else None, wgrad, self.describe())
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(self.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
                             exc) from exc

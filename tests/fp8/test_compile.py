@@ -45,6 +45,18 @@ def _input(shape: tuple[int, ...], kind: str) -> torch.Tensor:
     return x.view(shape)
 
 
+def _traced_like_eager(fn, step, *args) -> None:
+    """``fn`` traces with no graph break, and ``step(compiled fn)`` (forward + backward) equals ``step(fn)`` bit
+    for bit."""
+    want = step(fn)
+    torch.compiler.reset()
+    explain = torch._dynamo.explain(fn)(*args)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch.compiler.reset()
+    for w, g in zip(want, step(torch.compile(fn, fullgraph=True, backend="aot_eager"))):
+        _same(w, g)
+
+
 @pytest.mark.parametrize("shape,kind,bias", [
     ((3, 70, 256), "normal", True),      # ragged token count (210 rows)
     ((130, 256), "zero_rows", False),
@@ -112,13 +124,7 @@ def test_fp8_grouped_mlp_aot_eager_is_bitwise_eager():
     def mlp(a, b, c):
         return fp8_grouped_mlp(a, b, c, offsets, REF)
 
-    want = step(mlp)
-    torch.compiler.reset()
-    explain = torch._dynamo.explain(mlp)(x, w13, w2)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    torch.compiler.reset()
-    for w, g in zip(want, step(torch.compile(mlp, fullgraph=True, backend="aot_eager"))):
-        _same(w, g)
+    _traced_like_eager(mlp, step, x, w13, w2)
 
 
 def test_fp8_grouped_linear_aot_eager_is_bitwise_eager():
@@ -137,19 +143,13 @@ def test_fp8_grouped_linear_aot_eager_is_bitwise_eager():
     def run(t):
         return layer(t, sizes)
 
-    want = step(run)
-    torch.compiler.reset()
-    explain = torch._dynamo.explain(run)(x)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    torch.compiler.reset()
-    for w, g in zip(want, step(torch.compile(run, fullgraph=True, backend="aot_eager"))):
-        _same(w, g)
+    _traced_like_eager(run, step, x)
 
 
 def test_lean_eager_path_equals_the_validated_path():
     # the eager layer calls the kernels directly with backends resolved once; an input it does not take fast
     # (a float64 one, below) goes the validated way, whose errors name the layer
-    from dualflow.fp8.nn import _Fp8LinearCheckedFn
+    from dualflow.fp8.nn import _Fp8LinearFn
 
     torch.manual_seed(0)
     layer = Fp8Linear(256, 128, recipe=REF)
@@ -157,7 +157,8 @@ def test_lean_eager_path_equals_the_validated_path():
     want = _linear_step(layer, x, dy)
     xx = x.detach().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
-    y = _Fp8LinearCheckedFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, True, "layer")
+    # no plan: every quantizer and GEMM through the public, checking functions
+    y = _Fp8LinearFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, None, None, True, "layer")
     y.backward(dy)
     for w, g in zip(want, [y, xx.grad, layer.weight.grad, layer.bias.grad]):
         _same(w, g)
