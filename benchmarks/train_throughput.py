@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"variant": name, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
                    "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
-                   "final loss": s["final_loss"], "val loss": s.get("val_loss") or "-"}
+                   "final loss": s["final_loss"], "val loss": "-" if s.get("val_loss") is None else s["val_loss"]}
             table.add(**row)
             rows.append(row)
     table.print()

@@ -514,11 +514,12 @@ class Stage(nn.Module):
 
     def phases(self) -> list[Phase]:
         """The stage's forward as a sequence of phases (what the overlapped pipeline step interleaves)."""
+        # train.compile; applied before `carrying` below, which wraps each function anew at every call
+        compiled = self.compiler.wrap if self.compiler is not None else (lambda p: p)
         out = [Phase("compute", "embed", self.phase_embed, (self.embed,))] if self.first else []
         for layer in self.layers.values():
             out += layer.phases()
-        if self.compiler is not None:  # before `carrying` below, which wraps each function anew at every call
-            out = [self.compiler.wrap(p) for p in out]
+        out = [compiled(p) for p in out]
         if self.mtp is not None:
             if not self.first:
                 out.append(Phase("compute", "mtp.embed", self.phase_embed_ahead, (self._shared_embed[0],)))
@@ -533,8 +534,7 @@ class Stage(nn.Module):
             else:  # tied; with multi-token prediction its weight comes through the state (mtp.embed_ahead)
                 head = () if self.mtp is not None else (self._shared_embed[0],)
             norms = tuple(m.norm for m in self.mtp.values()) if self.mtp is not None else ()
-            head_phase = Phase("compute", "head", self.phase_head, (self.norm, *head, *norms))
-            out.append(self.compiler.wrap(head_phase) if self.compiler is not None else head_phase)
+            out.append(compiled(Phase("compute", "head", self.phase_head, (self.norm, *head, *norms))))
         return out
 
     def input_state(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> State:
