@@ -9,7 +9,7 @@ step replays it. What the capture relies on:
 - gradients: every parameter's ``.grad`` is None when the capture starts, so the captured backward
   writes the first micro-batch's gradients fresh and adds the others: each replay recomputes them from
   scratch into the same tensors. The caller must therefore leave ``.grad`` in place between steps
-  (``keeps_grads``) and may scale it in place (clipping);
+  (``keeps_grads``), which the optimizer may divide in place (clipping);
 - weights and buffers are updated in place between replays (the optimizer, the router biases), so the
   graph reads their current values; the FP8 weight copies are remade inside the graph at every replay,
   as the eager step remakes them after every optimizer step;

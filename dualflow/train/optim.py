@@ -62,20 +62,24 @@ class AdamW:
         self.steps = torch.zeros((), dtype=torch.int64)
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, grad_divisor: float | None = None) -> None:
+        """One update at learning rate ``lr``, with every gradient divided by ``grad_divisor`` as it is read
+        (gradient clipping, :func:`dualflow.train.parallel.clip_divisor`; None: as they are)."""
         self.steps += 1
         if self.fused_usable():
-            self._fused_step(lr)
+            self._fused_step(lr, grad_divisor)
         else:
-            self.reference_step(lr)
+            self.reference_step(lr, grad_divisor)
 
     def fused_usable(self) -> bool:
         """Whether :meth:`step` takes torch's fused AdamW kernel (FP32 moments: it has no BF16 ones)."""
         return self.cfg.moments_dtype == "float32" and hasattr(torch, "_fused_adamw_")
 
-    def _fused_step(self, lr: float) -> None:
+    def _fused_step(self, lr: float, grad_divisor: float | None) -> None:
         # one multi-tensor kernel per (device, decayed or not) group instead of ~10 passes per parameter;
-        # the same update as reference_step (decoupled decay, bias corrections folded into the step size)
+        # the same update as reference_step (decoupled decay, bias corrections folded into the step size).
+        # The clipping divisor is the kernel's grad_scale (it divides each gradient as it reads it, and
+        # leaves the divided gradient behind): one pass over the gradients fewer than scaling them first
         c = self.cfg
         groups: dict[tuple[torch.device, bool], list[str]] = {}
         for name in self.owned:
@@ -84,23 +88,28 @@ class AdamW:
                 groups.setdefault((p.device, p.ndim >= 2 and bool(c.weight_decay)), []).append(name)
         for (device, decay), names in groups.items():
             step = torch.full((), float(self.steps), dtype=torch.float32, device=device)
+            divisor = None if grad_divisor is None else torch.full((), grad_divisor, dtype=torch.float32,
+                                                                    device=device)
             torch._fused_adamw_([self.params[n] for n in names], [self.params[n].grad for n in names],
                                 [self.exp_avg[n] for n in names], [self.exp_avg_sq[n] for n in names], [],
                                 [step] * len(names), lr=lr, beta1=c.beta1, beta2=c.beta2,
                                 weight_decay=c.weight_decay if decay else 0.0, eps=c.eps, amsgrad=False,
-                                maximize=False)
+                                maximize=False, grad_scale=divisor)
 
     @torch.no_grad()
-    def reference_step(self, lr: float) -> None:
+    def reference_step(self, lr: float, grad_divisor: float | None = None) -> None:
         """The update written out parameter by parameter (BF16 moments, and the tests' reference);
-        ``steps`` must already count this step."""
+        ``steps`` must already count this step. Divided gradients are left behind, as the fused kernel does."""
         c = self.cfg
+        divisor = None if grad_divisor is None else torch.tensor(grad_divisor, dtype=torch.float32)
         t = int(self.steps)
         bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
         for name in self.owned:
             p = self.params[name]
             if p.grad is None:
                 continue
+            if divisor is not None:
+                p.grad.copy_(p.grad.float() / divisor.to(p.device))
             g = p.grad.float()
             m = self.exp_avg[name].float().mul_(c.beta1).add_(g, alpha=1 - c.beta1)
             v = self.exp_avg_sq[name].float().mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)

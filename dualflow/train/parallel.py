@@ -130,9 +130,8 @@ def reduce_gradients(params: dict[str, nn.Parameter], layout: ParallelLayout) ->
 
 
 @torch.no_grad()
-def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], layout: ParallelLayout,
-                   max_norm: float) -> float:
-    """Scale all gradients so that the global norm is at most ``max_norm`` (0 = no clipping); return the norm.
+def gradient_norm(params: dict[str, nn.Parameter], counted: Iterable[str], layout: ParallelLayout) -> float:
+    """The global norm of all gradients (over every rank).
 
     ``counted`` names the parameters this rank contributes to the norm: each distinct parameter must be
     counted on exactly one rank (replicas of non-expert weights only on data-parallel rank 0, the second
@@ -143,12 +142,16 @@ def clip_gradients(params: dict[str, nn.Parameter], counted: Iterable[str], layo
             if p.grad is not None and name in counted and (is_expert(name) or layout.dp_rank == 0)]
     # one multi-tensor norm kernel (FP32 per tensor, squares summed in FP64), one read of the host value
     sq = torch.stack(torch._foreach_norm(mine)).double().pow(2).sum() if mine else torch.zeros((), dtype=torch.float64)
-    norm = layout.all_reduce([float(sq)])[0] ** 0.5
+    return layout.all_reduce([float(sq)])[0] ** 0.5
+
+
+def clip_divisor(norm: float, max_norm: float) -> float | None:
+    """What the gradients are divided by so that their global norm ``norm`` is at most ``max_norm`` (0 = no
+    clipping); None when they stay as they are. The optimizer applies it as it reads the gradients
+    (:meth:`dualflow.train.optim.AdamW.step`): no separate pass over every gradient."""
     if max_norm > 0 and norm > max_norm:
-        grads = [p.grad for p in params.values() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-    return norm
+        return (norm + 1e-6) / max_norm
+    return None
 
 
 def zero1_owners(params: dict[str, nn.Parameter], dp: int) -> dict[str, int]:

@@ -34,7 +34,7 @@ def _device_kernels(prof: torch.profiler.profile) -> list[Any]:
     return [e for e in prof.events() if e.device_type == device and e.time_range.end > e.time_range.start]
 
 
-def summarize(prof: torch.profiler.profile, wall_s: float, rows: int = 25) -> str:
+def summarize(prof: torch.profiler.profile, wall_s: float, rows: int = 40) -> str:
     """The text of profile-rank*.txt for a profiled step that took ``wall_s`` seconds."""
     kernels = _device_kernels(prof)
     busy_ms = _busy_us(kernels) / 1e3

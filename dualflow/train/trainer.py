@@ -35,7 +35,8 @@ from dualflow.train.optim import AdamW, learning_rate
 from dualflow.train.parallel import (
     ParallelLayout,
     broadcast_owned,
-    clip_gradients,
+    clip_divisor,
+    gradient_norm,
     is_expert,
     reduce_gradients,
     zero1_owners,
@@ -343,9 +344,9 @@ class Trainer:
         loss = total / count
         self._check_finite(float(local_sum), loss)
         reduce_gradients(self.params, topo)
-        grad_norm = clip_gradients(self.params, self.counted, topo, cfg.optim.grad_clip)
+        grad_norm = gradient_norm(self.params, self.counted, topo)
         lr = learning_rate(self.step, cfg.train.steps, cfg.optim)
-        self.optimizer.step(lr)
+        self.optimizer.step(lr, grad_divisor=clip_divisor(grad_norm, cfg.optim.grad_clip))
         broadcast_owned(self.params, self.owners, topo)
         self._weights_changed()
         if not getattr(self.engine, "keeps_grads", False):  # a graphed step owns (and rewrites) the gradients

@@ -39,6 +39,31 @@ def test_fused_step_equals_the_reference_update():
     assert not torch.equal(a["layers.0.attn_norm.weight"], _params(0)["layers.0.attn_norm.weight"])
 
 
+@pytest.mark.skipif(not hasattr(torch, "_fused_adamw_"), reason="this torch has no fused AdamW kernel")
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_divisor_equals_dividing_the_gradients_first(fused):
+    # the divisor is applied as the optimizer reads the gradients: the same update as dividing them first
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    a, b = _params(3), _params(3)
+    opt_a, opt_b = AdamW(a, cfg), AdamW(b, cfg)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(3):
+        divisor = 1.0 + 7.3 * step
+        for name in a:
+            g = torch.randn(a[name].shape, generator=gen)
+            a[name].grad = g.clone()
+            b[name].grad = g / torch.tensor(divisor, dtype=torch.float32)
+        for opt, kw in ((opt_a, {"grad_divisor": divisor}), (opt_b, {})):
+            if fused:
+                opt.step(1e-2, **kw)
+            else:
+                opt.steps += 1
+                opt.reference_step(1e-2, **kw)
+        for name in a:  # same FP32 operations in the same order: equal bits
+            assert torch.equal(a[name], b[name]), name
+            assert torch.equal(a[name].grad, b[name].grad), name  # the divided gradient is left behind
+
+
 def test_vectors_are_not_decayed_and_bf16_moments_take_the_reference_path():
     cfg = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.5, moments_dtype="bfloat16")
     params = _params(2)
