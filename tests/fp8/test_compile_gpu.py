@@ -51,13 +51,15 @@ def test_fp8_linear_forward_and_backward_in_a_cuda_graph():
     layer = _layer(bias=True)
     x = torch.randn(512, 1024, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(512, 512, device=CUDA, dtype=torch.bfloat16)
-    want = _step(layer, x, dy)
-    # warm up on a side stream (kernels compiled, backends probed, the FP8 weight cached), as CUDA graphs need
+    # warm up on a side stream (kernels compiled, backends probed, the FP8 weight cached), as CUDA graphs need,
+    # through the very leaf the capture uses, and before any backward on the default stream: torch 2.11 then
+    # syncs a capture's gradients with the legacy stream ("would make the legacy stream depend on a
+    # capturing blocking stream")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            _step(layer, x, dy)
+            layer(x).backward(dy)
     torch.cuda.current_stream().wait_stream(side)
     builds = layer.fp8_cache.builds
     x.grad = None
@@ -69,7 +71,9 @@ def test_fp8_linear_forward_and_backward_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert layer.fp8_cache.builds == builds  # nothing was quantized again: the weight did not change
-    for w, g in zip(want, [y, x.grad, layer.weight.grad, layer.bias.grad]):
+    got = [t.clone() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
+    want = _step(layer, x, dy)  # eager, after the capture
+    for w, g in zip(want, got):
         assert torch.equal(w, g)
     # new input data, same buffers: the replay computes the new step
     x2 = torch.randn_like(x)
