@@ -53,8 +53,8 @@ def test_fp8_linear_forward_and_backward_in_a_cuda_graph():
     dy = torch.randn(512, 512, device=CUDA, dtype=torch.bfloat16)
     # warm up on a side stream (kernels compiled, backends probed, the FP8 weight cached), as CUDA graphs need,
     # through the very leaf the capture uses. Seen with torch 2.11: an eager backward on the default stream
-    # just before the capture (no synchronize between) failed it ("operation
-    # would make the legacy stream depend on a capturing blocking stream"), so the eager reference comes after
+    # just before the capture (no synchronize between) failed it ("operation would make the legacy stream
+    # depend on a capturing blocking stream"), so the eager reference comes after
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
