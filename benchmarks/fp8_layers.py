@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
     """The weight gradient of 64 experts' gate/up projection (2816 x 2048) over 98,304 tokens, 1,536 per expert:
-    the Triton kernel's configurations against torch's BF16 grouped GEMM grouped along the tokens."""
+    the Triton kernel's configurations and the CUTLASS k-grouped kernel against torch's BF16 grouped GEMM
+    grouped along the tokens."""
     from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
     from dualflow.fp8.quant import quantize_128x1
 
@@ -125,6 +126,9 @@ def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
                                   (256, 128, 8, 3), (64, 128, 4, 4)]:
         cfg = dict(block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
         fns[f"fp8 {bn}x{bm} w{warps} s{stages}"] = (lambda c=cfg: kgrouped_wgrad(gt, gs, xt, xs, offsets, out, **c))
+    from dualflow.fp8 import cutlass
+
+    fns["fp8 cutlass kgrouped_wgrad_128x128"] = lambda: cutlass.kgrouped_wgrad(gt, gs, xt, xs, offsets)
     for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
         try:
             fns[name]()

@@ -30,6 +30,7 @@ const char* kind_name(Kind kind) {
     case Kind::Fwd: return "forward/input-gradient";
     case Kind::Wgrad: return "weight-gradient";
     case Kind::Grouped: return "grouped";
+    case Kind::KGroupedWgrad: return "k-grouped weight-gradient";
   }
   return "?";
 }
@@ -74,8 +75,19 @@ int validate(const TileConfig& c, const Problem& p, bool with_pointers) {
   DF_REQUIRE(p.k % kScaleBlock == 0, "%s: k must be a multiple of %d (the scale block along k), got %lld", name,
              kScaleBlock, ll(p.k));
   DF_REQUIRE(p.sm_count >= 1, "%s: sm_count must be the device's number of SMs (>= 1), got %d", name, p.sm_count);
-  const int64_t d_bytes = c.kind == Kind::Wgrad ? 4 : 2;
-  if (c.kind == Kind::Grouped) {
+  const int64_t d_bytes = c.kind == Kind::Wgrad || c.kind == Kind::KGroupedWgrad ? 4 : 2;
+  if (c.kind == Kind::KGroupedWgrad) {
+    DF_REQUIRE(p.groups >= 1 && p.groups <= INT_MAX, "%s: groups must be in [1, 2^31), got %lld", name,
+               ll(p.groups));
+    DF_REQUIRE(p.ldd == p.n, "%s: d must be contiguous [groups, m, n] (ldd = n = %lld), got ldd=%lld", name, ll(p.n),
+               ll(p.ldd));
+    // each group's scale block is described as [k_g/128, m] (and [k_g/128, n]) MN-major: the leading
+    // dimensions are m and n exactly, and a block starts 16-byte aligned only when they are multiples of 4
+    DF_REQUIRE(p.sfa_ld == p.m && p.sfb_ld == p.n && p.m % 4 == 0 && p.n % 4 == 0,
+               "%s: the scales must be MN-major with sfa_ld = m and sfb_ld = n, both multiples of 4; got m=%lld "
+               "n=%lld sfa_ld=%lld sfb_ld=%lld",
+               name, ll(p.m), ll(p.n), ll(p.sfa_ld), ll(p.sfb_ld));
+  } else if (c.kind == Kind::Grouped) {
     DF_REQUIRE(p.groups >= 1 && p.groups <= INT_MAX, "%s: groups must be in [1, 2^31), got %lld", name,
                ll(p.groups));
     DF_REQUIRE(p.lda == p.k && p.ldb == p.k && p.ldd == p.n,
@@ -106,7 +118,7 @@ int validate(const TileConfig& c, const Problem& p, bool with_pointers) {
              "%s: a, b, d and sfa must be 16-byte aligned (TMA), got a=%p b=%p d=%p sfa=%p", name, p.a, p.b, p.d,
              static_cast<const void*>(p.sfa));
   DF_REQUIRE(aligned(p.sfb, 4), "%s: sfb must be 4-byte aligned, got %p", name, static_cast<const void*>(p.sfb));
-  if (c.kind == Kind::Grouped) {
+  if (c.kind == Kind::Grouped || c.kind == Kind::KGroupedWgrad) {
     DF_REQUIRE(p.offsets_bytes == 4 || p.offsets_bytes == 8, "%s: offsets_bytes must be 4 or 8, got %d", name,
                p.offsets_bytes);
     DF_REQUIRE(p.offsets && aligned(p.offsets, static_cast<size_t>(p.offsets_bytes)),
@@ -168,8 +180,9 @@ int dualflow_cutlass_workspace_size(const char* config, int64_t m, int64_t n, in
   for (int i = 0; i < cg::kNumConfigs && config != nullptr; ++i) {
     if (std::strcmp(cg::kConfigs[i].name, config) == 0) index = i;
   }
-  DF_REQUIRE(index >= 0, "unknown CUTLASS configuration '%s'; configurations: %s, %s, %s", config ? config : "(null)",
-             cg::names_of(Kind::Fwd).c_str(), cg::names_of(Kind::Wgrad).c_str(), cg::names_of(Kind::Grouped).c_str());
+  DF_REQUIRE(index >= 0, "unknown CUTLASS configuration '%s'; configurations: %s, %s, %s, %s",
+             config ? config : "(null)", cg::names_of(Kind::Fwd).c_str(), cg::names_of(Kind::Wgrad).c_str(),
+             cg::names_of(Kind::Grouped).c_str(), cg::names_of(Kind::KGroupedWgrad).c_str());
   Problem p;
   p.m = m, p.n = n, p.k = k, p.groups = groups, p.lda = lda, p.ldb = ldb, p.ldd = ldd;
   p.sfa_ld = sfa_ld, p.sfb_ld = sfb_ld, p.sm_count = sm_count;
@@ -211,6 +224,20 @@ int dualflow_cutlass_grouped_gemm(const char* config, int64_t m, int64_t n, int6
   p.offsets = reinterpret_cast<const void*>(offsets), p.offsets_bytes = offsets_bytes;
   p.errors = reinterpret_cast<int64_t*>(errors);
   return cg::run(config, Kind::Grouped, p, workspace, workspace_bytes, stream);
+}
+
+int dualflow_cutlass_kgrouped_wgrad(const char* config, int64_t m, int64_t n, int64_t k, int64_t groups, uintptr_t a,
+                                    int64_t lda, uintptr_t sfa, uintptr_t b, int64_t ldb, uintptr_t sfb,
+                                    uintptr_t offsets, int offsets_bytes, uintptr_t errors, uintptr_t d, int sm_count,
+                                    uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+  Problem p;
+  p.m = m, p.n = n, p.k = k, p.groups = groups, p.lda = lda, p.ldb = ldb, p.ldd = n, p.sfa_ld = m, p.sfb_ld = n;
+  p.sm_count = sm_count;
+  p.a = reinterpret_cast<const void*>(a), p.b = reinterpret_cast<const void*>(b), p.d = reinterpret_cast<void*>(d);
+  p.sfa = reinterpret_cast<const float*>(sfa), p.sfb = reinterpret_cast<const float*>(sfb);
+  p.offsets = reinterpret_cast<const void*>(offsets), p.offsets_bytes = offsets_bytes;
+  p.errors = reinterpret_cast<int64_t*>(errors);
+  return cg::run(config, Kind::KGroupedWgrad, p, workspace, workspace_bytes, stream);
 }
 
 }  // extern "C"

@@ -12,7 +12,9 @@ namespace dualflow::cutlass_gemm {
 //   Fwd:     D[M,N] (BF16) = A[M,K] x B[N,K]^T, A scaled per 1x128 tile, B per 128x128 block.
 //   Wgrad:   D[M,N] (FP32) (+)= A[M,K] x B[N,K]^T, both scaled per 1x128 tile along K.
 //   Grouped: Fwd per group of contiguous rows of A, each group with its own B[g].
-enum class Kind : int { Fwd = 0, Wgrad = 1, Grouped = 2 };
+//   KGroupedWgrad: Wgrad per group of contiguous columns (K = tokens) of A and B, each group writing its
+//            own D[g] (FP32 [groups, M, N]): the experts' weight gradients, tokens grouped by expert.
+enum class Kind : int { Fwd = 0, Wgrad = 1, Grouped = 2, KGroupedWgrad = 3 };
 enum class Schedule : int { Cooperative = 0, Pingpong = 1 };
 
 struct TileConfig {
@@ -33,6 +35,7 @@ inline constexpr TileConfig kConfigs[] = {
     {"wgrad_128x128", Kind::Wgrad, Schedule::Cooperative, 128, 128, 1, 1},
     {"grouped_128x128", Kind::Grouped, Schedule::Cooperative, 128, 128, 1, 2},
     {"grouped_64x128", Kind::Grouped, Schedule::Pingpong, 64, 128, 1, 1},
+    {"kgrouped_wgrad_128x128", Kind::KGroupedWgrad, Schedule::Cooperative, 128, 128, 1, 1},
 };
 inline constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 
@@ -42,8 +45,13 @@ constexpr bool same_name(const char* x, const char* y) {
 
 // One GEMM call. Element (r, kb) of a scale matrix "MN-major with leading dimension ld" is at
 // [kb * ld + r]; "K-major" at [r * ceil(K/128) + kb].
+//
+// KGroupedWgrad: k = the columns (tokens) of all groups together; a [m, k] and b [n, k] with row strides
+// lda, ldb; group g owns columns [offsets[g], offsets[g+1]) (multiples of 128); sfa [k/128, m] and sfb
+// [k/128, n] MN-major with ld = m and n exactly (the layout each group's block is described with); d
+// FP32 [groups, m, n] contiguous, overwritten (a group without columns gets zeros).
 struct Problem {
-  int64_t m = 0, n = 0, k = 0;  // grouped: m = rows of all groups together
+  int64_t m = 0, n = 0, k = 0;  // grouped: m = rows of all groups together; k-grouped: k = all columns
   int64_t groups = 1;
   const void* a = nullptr;  // FP8 E4M3 [m, k], row stride lda (grouped: contiguous)
   int64_t lda = 0;
@@ -61,6 +69,7 @@ struct Problem {
   int64_t ldd = 0;
   bool accumulate = false;           // wgrad: d += A x B^T instead of d = A x B^T
   const void* offsets = nullptr;     // grouped: device int32/int64 [groups + 1] row offsets into A and D
+                                     // (k-grouped: column offsets into A and B)
   int offsets_bytes = 4;             // 4 or 8
   // grouped, optional: device int64 [5] record of the first malformed group (gemm_api.h), or NULL
   int64_t* errors = nullptr;

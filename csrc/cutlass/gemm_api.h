@@ -21,7 +21,8 @@ extern "C" {
 DUALFLOW_API int dualflow_cutlass_config_count(int* count);
 
 // Facts of configuration `index` (0 <= index < count): its name (NUL-terminated, truncated to
-// name_len), kind (0: forward / input gradient, 1: weight gradient, 2: grouped), CTA tile m x n x k,
+// name_len), kind (0: forward / input gradient, 1: weight gradient, 2: grouped, 3: k-grouped weight
+// gradient), CTA tile m x n x k,
 // cluster m x n, schedule (0: cooperative, 1: ping-pong). Output pointers may be NULL.
 DUALFLOW_API int dualflow_cutlass_config_info(int index, char* name, size_t name_len, int* kind, int* tile_m,
                                               int* tile_n, int* tile_k, int* cluster_m, int* cluster_n,
@@ -64,6 +65,21 @@ DUALFLOW_API int dualflow_cutlass_grouped_gemm(const char* config, int64_t m, in
                                                uintptr_t offsets, int offsets_bytes, uintptr_t errors, uintptr_t d,
                                                int sm_count, uintptr_t workspace, size_t workspace_bytes,
                                                uintptr_t stream);
+
+// Weight gradients grouped along k (the experts' tokens): for g < groups, columns [offsets[g], offsets[g+1])
+// of A [m, k] (row stride lda) and B [n, k] (ldb) form d[g] (FP32 [groups, m, n] contiguous, overwritten)
+// = A_g x B_g^T; a group without columns gets zeros. Both operands have 1x128 scales along k, MN-major
+// with leading dimensions exactly m and n (sfa [k/128, m], sfb [k/128, n]; m and n multiples of 4).
+// offsets: device int32/int64 [groups + 1], multiples of 128, non-decreasing within [0, k], read on the
+// device only: clamped into [0, k], made non-decreasing and rounded down to multiples of 128, so that
+// malformed offsets never take the kernel outside the operands (errors: as for the grouped GEMM, with k
+// as the bound; a misaligned offset is not recorded, it leaves d[g] unspecified).
+// dualflow_cutlass_workspace_size takes (m, n, k, groups, lda, ldb, ldd = n, sfa_ld = m, sfb_ld = n).
+DUALFLOW_API int dualflow_cutlass_kgrouped_wgrad(const char* config, int64_t m, int64_t n, int64_t k, int64_t groups,
+                                                 uintptr_t a, int64_t lda, uintptr_t sfa, uintptr_t b, int64_t ldb,
+                                                 uintptr_t sfb, uintptr_t offsets, int offsets_bytes,
+                                                 uintptr_t errors, uintptr_t d, int sm_count, uintptr_t workspace,
+                                                 size_t workspace_bytes, uintptr_t stream);
 
 #ifdef __cplusplus
 }

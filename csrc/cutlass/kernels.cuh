@@ -26,14 +26,17 @@ namespace dualflow::cutlass_gemm {
 template <int I>
 struct Kernel {
   static constexpr TileConfig kCfg = kConfigs[I];
-  static constexpr bool kGrouped = kCfg.kind == Kind::Grouped;
-  static constexpr bool kWgrad = kCfg.kind == Kind::Wgrad;
+  // k-grouped: a weight gradient (FP32 out, 1x128 scales along K on both operands) over groups of columns
+  static constexpr bool kKGrouped = kCfg.kind == Kind::KGroupedWgrad;
+  static constexpr bool kGrouped = kCfg.kind == Kind::Grouped || kKGrouped;
+  static constexpr bool kWgrad = kCfg.kind == Kind::Wgrad || kKGrouped;
   static constexpr bool kCooperative = kCfg.schedule == Schedule::Cooperative;
 
   using ElementAB = cutlass::float_e4m3_t;
-  // The weight gradient accumulates in FP32 and reads its output back (C = D) when asked to add into it.
+  // The weight gradient accumulates in FP32 and reads its output back (C = D) when asked to add into it
+  // (the dense one; the k-grouped one always overwrites).
   using ElementD = std::conditional_t<kWgrad, float, cutlass::bfloat16_t>;
-  using ElementC = std::conditional_t<kWgrad, float, void>;
+  using ElementC = std::conditional_t<kWgrad && !kGrouped, float, void>;
   static constexpr int kAlignAB = 16;  // elements = bytes (TMA needs 16-byte aligned rows)
   static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
 
@@ -109,9 +112,19 @@ struct GroupArrays<I, true> {
   typename GK::InternalStrideA* stride_a;
   typename GK::InternalStrideB* stride_b;
   typename GK::InternalStrideD* stride_d;
+  // k-grouped: one 128-column block of zero operands and zero scales ([m + n, 128] FP8, then m + n FP32),
+  // which a group without columns multiplies instead (CUTLASS is not asked for a K = 0 problem): its D[g]
+  // comes out zero
+  char* zeros;
+  size_t zeros_bytes;
+
+  static size_t zeros_size(const Problem& p) {
+    return K::kKGrouped ? align_bytes(static_cast<size_t>(p.m + p.n) * (kScaleBlock + sizeof(float))) : 0;
+  }
 
   // Lays the arrays out from `base` (nullptr: only measure); returns the bytes used.
-  static size_t carve(char* base, int64_t groups, GroupArrays* out) {
+  static size_t carve(char* base, const Problem& p, GroupArrays* out) {
+    const int64_t groups = p.groups;
     size_t offset = 0;
     auto take = [&](auto*& ptr) {
       using T = std::remove_pointer_t<std::remove_reference_t<decltype(ptr)>>;
@@ -128,23 +141,26 @@ struct GroupArrays<I, true> {
     take(arrays.stride_a);
     take(arrays.stride_b);
     take(arrays.stride_d);
+    arrays.zeros = base == nullptr ? nullptr : base + offset;
+    arrays.zeros_bytes = zeros_size(p);
+    offset += arrays.zeros_bytes;
     if (out != nullptr) *out = arrays;
     return offset;
   }
 };
 
-// Thread 0 of the argument kernel: writes the first malformed group (an offset outside [0, m] or below
+// Thread 0 of the argument kernel: writes the first malformed group (an offset outside [0, bound] or below
 // its predecessor) into p.errors, unless an earlier error is recorded there already.
 template <class Offset>
-__device__ void record_malformed(const Offset* __restrict__ offsets, const Problem& p) {
+__device__ void record_malformed(const Offset* __restrict__ offsets, const Problem& p, int64_t bound) {
   if (p.errors == nullptr || p.errors[0] != 0) return;
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t lo = static_cast<int64_t>(offsets[g]), hi = static_cast<int64_t>(offsets[g + 1]);
-    if (lo < 0 || hi < 0 || lo > p.m || hi > p.m || hi < lo) {
+    if (lo < 0 || hi < 0 || lo > bound || hi > bound || hi < lo) {
       p.errors[1] = g;
       p.errors[2] = lo;
       p.errors[3] = hi;
-      p.errors[4] = p.m;
+      p.errors[4] = bound;
       p.errors[0] = 1;  // the code last: a record is complete once its code is set
       return;
     }
@@ -159,12 +175,42 @@ template <int I, class Offset>
 __global__ void fill_group_arrays(GroupArrays<I> arrays, const Offset* __restrict__ offsets, Problem p) {
   using K = Kernel<I>;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (g == 0) record_malformed(offsets, p);
+  const int64_t bound = K::kKGrouped ? p.k : p.m;
+  if (g == 0) record_malformed(offsets, p, bound);
   if (g >= p.groups) return;
-  auto clamp = [&](int64_t x) { return x < 0 ? int64_t{0} : (x > p.m ? p.m : x); };
+  auto clamp = [&](int64_t x) { return x < 0 ? int64_t{0} : (x > bound ? bound : x); };
   const int64_t begin = clamp(static_cast<int64_t>(offsets[g]));
   const int64_t next = clamp(static_cast<int64_t>(offsets[g + 1]));
   const int64_t end = next < begin ? begin : next;
+  if constexpr (K::kKGrouped) {
+    // columns [begin, end) of a and b; offsets off the 128-column scale blocks (a broken contract of the
+    // caller) are rounded down to them, so that no scale is read from outside its block
+    const int64_t lo = begin / kScaleBlock * kScaleBlock, hi = end / kScaleBlock * kScaleBlock;
+    const auto* a = static_cast<const typename K::ElementAB*>(p.a);
+    const auto* b = static_cast<const typename K::ElementAB*>(p.b);
+    arrays.d[g] = static_cast<typename K::ElementD*>(p.d) + g * p.m * p.n;
+    arrays.stride_d[g] = cute::make_stride(p.n, cute::Int<1>{}, cute::Int<0>{});
+    if (hi > lo) {
+      arrays.shapes[g] = cute::make_shape(static_cast<int>(p.m), static_cast<int>(p.n), static_cast<int>(hi - lo));
+      arrays.a[g] = a + lo;
+      arrays.b[g] = b + lo;
+      arrays.sfa[g] = p.sfa + lo / kScaleBlock * p.m;
+      arrays.sfb[g] = p.sfb + lo / kScaleBlock * p.n;
+      arrays.stride_a[g] = cute::make_stride(p.lda, cute::Int<1>{}, cute::Int<0>{});
+      arrays.stride_b[g] = cute::make_stride(p.ldb, cute::Int<1>{}, cute::Int<0>{});
+    } else {  // no columns: one block of zeros (GroupArrays::zeros), so that D[g] = 0
+      const auto* zero_ab = reinterpret_cast<const typename K::ElementAB*>(arrays.zeros);
+      const auto* zero_scales = reinterpret_cast<const float*>(arrays.zeros + (p.m + p.n) * kScaleBlock);
+      arrays.shapes[g] = cute::make_shape(static_cast<int>(p.m), static_cast<int>(p.n), int{kScaleBlock});
+      arrays.a[g] = zero_ab;
+      arrays.b[g] = zero_ab + p.m * kScaleBlock;
+      arrays.sfa[g] = zero_scales;
+      arrays.sfb[g] = zero_scales + p.m;
+      arrays.stride_a[g] = cute::make_stride(int64_t{kScaleBlock}, cute::Int<1>{}, cute::Int<0>{});
+      arrays.stride_b[g] = cute::make_stride(int64_t{kScaleBlock}, cute::Int<1>{}, cute::Int<0>{});
+    }
+    return;
+  }
   const int64_t kb = p.k / kScaleBlock, nb = (p.n + kScaleBlock - 1) / kScaleBlock;
   arrays.shapes[g] = cute::make_shape(static_cast<int>(end - begin), static_cast<int>(p.n), static_cast<int>(p.k));
   arrays.a[g] = static_cast<const typename K::ElementAB*>(p.a) + begin * p.k;
@@ -187,7 +233,8 @@ typename Kernel<I>::Arguments make_arguments(const Problem& p, [[maybe_unused]] 
   typename K::Arguments args{};
   if constexpr (K::kGrouped) {
     // The 4.2 grouped blockwise mainloop derives each group's scale layouts from its problem shape
-    // (MN-major [k/128, m_g] blocks for A, K-major for B), so no per-group scale layouts are passed.
+    // (MN-major [k/128, m_g] blocks for A, K-major for B; k-grouped: MN-major [k_g/128, m] and
+    // [k_g/128, n]), so no per-group scale layouts are passed.
     args = typename K::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int>(p.groups), arrays->shapes, nullptr},
@@ -242,7 +289,7 @@ int workspace_impl(const Problem& p, size_t* cutlass_bytes, size_t* total_bytes)
   if (int rc = check_implementable<I>(args, p)) return rc;
   *cutlass_bytes = align_bytes(Kernel<I>::Gemm::get_workspace_size(args));
   *total_bytes = *cutlass_bytes;
-  if constexpr (Kernel<I>::kGrouped) *total_bytes += GroupArrays<I>::carve(nullptr, p.groups, nullptr);
+  if constexpr (Kernel<I>::kGrouped) *total_bytes += GroupArrays<I>::carve(nullptr, p, nullptr);
   return DUALFLOW_OK;
 }
 
@@ -263,7 +310,8 @@ int config_run(const Problem& p, void* workspace, size_t workspace_bytes, cudaSt
              workspace_bytes, needed);
   GroupArrays<I> arrays{};
   if constexpr (K::kGrouped) {
-    GroupArrays<I>::carve(static_cast<char*>(workspace) + cutlass_bytes, p.groups, &arrays);
+    GroupArrays<I>::carve(static_cast<char*>(workspace) + cutlass_bytes, p, &arrays);
+    if (arrays.zeros_bytes > 0) DF_CUDA(cudaMemsetAsync(arrays.zeros, 0, arrays.zeros_bytes, stream));
     const int threads = 128;
     const int blocks = static_cast<int>((p.groups + threads - 1) / threads);
     if (p.offsets_bytes == 8) {

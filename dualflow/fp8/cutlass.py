@@ -8,6 +8,8 @@ ctypes on the current stream of the operands' device. See docs/cutlass.md.
 - :func:`gemm_wgrad`: ``a @ b.T`` with both operands 1x128-scaled along K, FP32 out, optionally added
   into ``out`` (weight gradient; K is the token dimension).
 - :func:`grouped_gemm_contiguous`: one :func:`gemm_fwd` per group of contiguous rows of ``a`` (MoE experts).
+- :func:`kgrouped_wgrad`: one :func:`gemm_wgrad` per group of contiguous columns (tokens) of ``a`` and ``b``,
+  each into its own FP32 output (the experts' weight gradients).
 
 Scales arrive in the FP8 engine's layouts (K-major: ``[rows, K/128]``). The kernels load A's scales
 MN-major (``[K/128, rows]``, padded to 4 rows so that TMA can load them): :func:`scales_mn_major` and
@@ -35,7 +37,7 @@ from dualflow.fp8.quant import BLOCK, FP8_DTYPE
 from dualflow.utils import nvtx
 
 ENV_CONFIG = "DUALFLOW_CUTLASS_CONFIG"
-KINDS = ("fwd", "wgrad", "grouped")
+KINDS = ("fwd", "wgrad", "grouped", "kgrouped_wgrad")
 DEFAULT_NUM_SMS = 132  # H100 / H200 SXM
 _INT_MAX = 2**31 - 1
 
@@ -50,7 +52,7 @@ class TileConfig:
     """One compiled kernel instantiation (mirrors csrc/cutlass/configs.h; a test keeps them equal)."""
 
     name: str
-    kind: str  # "fwd" (forward / input gradient), "wgrad" or "grouped"
+    kind: str  # "fwd" (forward / input gradient), "wgrad", "grouped" or "kgrouped_wgrad"
     tile_m: int
     tile_n: int
     tile_k: int
@@ -65,6 +67,7 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("wgrad_128x128", "wgrad", 128, 128, 128, 1, 1, "cooperative"),
     TileConfig("grouped_128x128", "grouped", 128, 128, 128, 1, 2, "cooperative"),
     TileConfig("grouped_64x128", "grouped", 64, 128, 128, 1, 1, "pingpong"),
+    TileConfig("kgrouped_wgrad_128x128", "kgrouped_wgrad", 128, 128, 128, 1, 1, "cooperative"),
 )
 _BY_NAME = {c.name: c for c in CONFIGS}
 _SCHEDULES = ("cooperative", "pingpong")
@@ -90,8 +93,8 @@ def choose_config(kind: str, m: int, n: int, k: int, *, groups: int = 1, num_sms
     if min(m, n, k) < 0 or groups < 1 or num_sms < 1:
         raise ValueError(f"m, n, k must be >= 0, groups and num_sms >= 1; got m={m} n={n} k={k} groups={groups} "
                          f"num_sms={num_sms}")
-    if kind == "wgrad":
-        return "wgrad_128x128"
+    if kind in ("wgrad", "kgrouped_wgrad"):
+        return f"{kind}_128x128"
     rows = m / groups
     tiles_128 = groups * math.ceil(rows / 128) * math.ceil(n / 128)
     small = rows <= 64 or tiles_128 < num_sms // 2
@@ -177,6 +180,9 @@ def _library() -> ctypes.CDLL:
                                                 ptr, i64, c.c_int, c.c_int, ptr, c.c_size_t, ptr]
     lib.dualflow_cutlass_grouped_gemm.argtypes = [c.c_char_p, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c.c_int,
                                                   ptr, ptr, c.c_int, ptr, c.c_size_t, ptr]
+    if hasattr(lib, "dualflow_cutlass_kgrouped_wgrad"):  # absent from libraries built before it existed
+        lib.dualflow_cutlass_kgrouped_wgrad.argtypes = [c.c_char_p, i64, i64, i64, i64, ptr, i64, ptr, ptr, i64,
+                                                        ptr, ptr, c.c_int, ptr, ptr, c.c_int, ptr, c.c_size_t, ptr]
     return lib
 
 
@@ -213,6 +219,8 @@ def workspace_size(config: str, m: int, n: int, k: int, *, groups: int = 1, lda:
     sfa_ld = sfb_ld = 0
     if _BY_NAME.get(config) is not None and _BY_NAME[config].kind != "grouped":
         sfa_ld, sfb_ld = _round4(m), _round4(n)
+        if _BY_NAME[config].kind == "kgrouped_wgrad":  # exactly m and n (the library says why otherwise)
+            sfa_ld, sfb_ld = m, n
     size = ctypes.c_size_t()
     _cuda.call("dualflow_cutlass_workspace_size", config.encode(), m, n, k, groups, lda, ldb, ldd, sfa_ld, sfb_ld,
                num_sms, ctypes.byref(size))
@@ -450,4 +458,58 @@ def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
         _launch("dualflow_cutlass_grouped_gemm", device, config, (t, n, k, groups, k, k, n, 0, 0),
                 t, n, k, groups, a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), offsets.data_ptr(),
                 offsets.element_size(), 0 if errors is None else errors.data_ptr(), out.data_ptr())
+    return out
+
+
+def kgrouped_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                   group_offsets: torch.Tensor, config: str | None = None) -> torch.Tensor:
+    """FP32 ``out[g] = a[:, lo:hi] @ b[:, lo:hi].T`` with ``lo, hi = group_offsets[g], group_offsets[g+1]``:
+    ``a`` E4M3 ``[M, T]`` and ``b`` E4M3 ``[N, T]``, both with 1x128 scales along T (``[M, T/128]``,
+    ``[N, T/128]``: the 128x1 quantization of the output gradient and of the input, tokens grouped by
+    expert); ``out`` is ``[G, M, N]``, zero for a group without tokens.
+
+    ``group_offsets`` (int32/int64 ``[G+1]``, on the device) must be multiples of 128, non-decreasing within
+    ``[0, T]``: read on the device only (no host synchronisation), so they are not checked here. The kernel
+    clamps and rounds them so that it never reads outside the operands; malformed ones leave groups of
+    ``out`` unspecified.
+    """
+    _fp8_operand("a", a, 2)
+    _fp8_operand("b", b, 2)
+    (m, t), n = a.shape, b.shape[0]
+    if b.shape[1] != t:
+        raise ValueError(f"a is [M, T] = {tuple(a.shape)}, b must be [N, T] with the same T, got {tuple(b.shape)}")
+    tb = math.ceil(t / BLOCK)
+    _fp32("a_scales", a_scales, (m, tb), f"1x128 tiles of a[{m}, {t}] along T")
+    _fp32("b_scales", b_scales, (n, tb), f"1x128 tiles of b[{n}, {t}] along T")
+    if (not isinstance(group_offsets, torch.Tensor) or group_offsets.dtype not in (torch.int32, torch.int64)
+            or group_offsets.dim() != 1 or group_offsets.numel() < 1):
+        got = (f"{group_offsets.dtype} of shape {tuple(group_offsets.shape)}" if isinstance(group_offsets, torch.Tensor)
+               else type(group_offsets).__name__)
+        raise ValueError(f"group_offsets must be a 1-D int32/int64 tensor of G + 1 >= 1 entries, got {got}")
+    groups = group_offsets.numel() - 1
+    device = _one_device({"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "group_offsets": group_offsets})
+    out = torch.empty(groups, m, n, dtype=torch.float32, device=device)
+    if groups == 0 or m == 0 or n == 0:
+        return out
+    if t == 0:
+        return out.zero_()
+    _check_k(t)
+    _sizes(M=m, N=n, T=t, G=groups)
+    _out_columns(n, torch.float32)
+    if m % 4 or n % 4:
+        raise CutlassUnsupported(f"M and N must be multiples of 4 for the k-grouped weight gradient (16-byte "
+                                 f"aligned scale blocks), got M={m}, N={n}")
+    lda, ldb = _rows("a", a, t), _rows("b", b, t)
+    _require_sm90(device)
+    if not hasattr(_library(), "dualflow_cutlass_kgrouped_wgrad"):
+        raise CutlassUnsupported(f"{_cuda.library_path()} predates the k-grouped weight gradient: rebuild it "
+                                 "(`make build`)")
+    offsets = group_offsets.contiguous()
+    config = resolve_config("kgrouped_wgrad", m, n, t, config, groups=groups, num_sms=_num_sms(device))
+    with nvtx.range(f"cutlass.kgrouped_wgrad.{config}"):
+        # the kernel describes each group's scales as an MN-major [T_g/128, M] block: [T/128, M] contiguous
+        sfa, sfb = a_scales.t().contiguous(), b_scales.t().contiguous()
+        _launch("dualflow_cutlass_kgrouped_wgrad", device, config, (m, n, t, groups, lda, ldb, n, m, n),
+                m, n, t, groups, a.data_ptr(), lda, sfa.data_ptr(), b.data_ptr(), ldb, sfb.data_ptr(),
+                offsets.data_ptr(), offsets.element_size(), 0, out.data_ptr())
     return out

@@ -19,10 +19,12 @@ block are neither read nor written meaningfully: their outputs and input gradien
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import fp8_grouped_gemm, run_dense
+from dualflow.fp8.gemm import ENV_BACKEND, fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
@@ -92,24 +94,37 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
                   fused: bool | None = None) -> torch.Tensor:
     """FP32 ``out[g] = a[:, block g] @ b[:, block g].T`` for 128x1-quantized ``a [N, T]``, ``b [M, T]``.
 
-    The kernel reads ``offsets`` on the device; the reference (``fused=False``) loops over the experts on
-    the host.
+    The kernels read ``offsets`` on the device: the CUTLASS one when the recipe's GEMM backend (for
+    ``auto``: ``$DUALFLOW_FP8_BACKEND``) names ``cutlass`` first, else the Triton one; the reference (``fused=False``, or quantization not on Triton) loops
+    over the experts on the host.
     """
     (aq, as_), (bq, bs) = a, b
     if fused is None:
         fused = _kernels_usable(aq, recipe)
-    return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, fused)
+    # CUTLASS when the recipe (or, for "auto", $DUALFLOW_FP8_BACKEND) names it first; otherwise "auto" keeps
+    # the Triton kernel until the CUTLASS one measures faster
+    spec = recipe.backend if recipe.backend != "auto" else os.environ.get(ENV_BACKEND, "auto")
+    cutlass = spec.split(",")[0].strip() == "cutlass"
+    backend = ("cutlass" if cutlass else "triton") if fused else "reference"
+    return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, backend)
 
 
 def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs: torch.Tensor, offsets: torch.Tensor,
-                      fused: bool) -> torch.Tensor:
-    """The ``dualflow::grouped_wgrad`` operator: :func:`grouped_wgrad` of unpacked operands."""
+                      backend: str) -> torch.Tensor:
+    """The ``dualflow::grouped_wgrad`` operator: :func:`grouped_wgrad` of unpacked operands on ``backend``
+    (``triton``, ``cutlass`` or ``reference``)."""
+    if backend == "cutlass":
+        from dualflow.fp8.cutlass import kgrouped_wgrad as cutlass_kgrouped_wgrad
+
+        return cutlass_kgrouped_wgrad(aq, as_, bq, bs, offsets)
     groups = offsets.numel() - 1
     out = torch.empty(groups, aq.shape[0], bq.shape[0], dtype=torch.float32, device=aq.device)
-    if fused:
+    if backend == "triton":
         from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
 
         return kgrouped_wgrad(aq, as_, bq, bs, offsets, out)
+    if backend != "reference":
+        raise ValueError(f"grouped_wgrad: backend must be 'triton', 'cutlass' or 'reference', got {backend!r}")
     bounds = offsets.tolist()
     for g in range(groups):
         lo, hi = bounds[g], bounds[g + 1]

@@ -166,7 +166,7 @@ def _swiglu_bwd_fake(h, da, pow2_scales, fused, quant_backend, end):
             _fp8(h, cols, rows), empty_scales(cols, _cdiv(rows), h.device))
 
 
-def _wgrad_fake(aq, a_scales, bq, b_scales, offsets, fused):
+def _wgrad_fake(aq, a_scales, bq, b_scales, offsets, backend):
     return aq.new_empty((offsets.shape[0] - 1, aq.shape[0], bq.shape[0]), dtype=torch.float32)
 
 
@@ -175,7 +175,7 @@ _def(f"swiglu_quantize(Tensor h, bool pow2_scales, bool fused, str quant_backend
      run_swiglu_quantize, _swiglu_fake)
 _def("swiglu_backward_quantize(Tensor h, Tensor da, bool pow2_scales, bool fused, str quant_backend, Tensor? end) "
      f"-> {_SWIGLU_OUT}", run_swiglu_backward_quantize, _swiglu_bwd_fake)
-_def("grouped_wgrad(Tensor aq, Tensor a_scales, Tensor bq, Tensor b_scales, Tensor offsets, bool fused) -> Tensor",
+_def("grouped_wgrad(Tensor aq, Tensor a_scales, Tensor bq, Tensor b_scales, Tensor offsets, str backend) -> Tensor",
      run_grouped_wgrad, _wgrad_fake)
 
 

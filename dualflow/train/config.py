@@ -22,6 +22,9 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     fp8: bool = False
+    # fp8_backend: the FP8 GEMM backend (Fp8Recipe.backend: "auto", a name or a comma list tried in order,
+    # e.g. "cutlass,torch"); "auto" takes what measured fastest for each GEMM
+    fp8_backend: str = "auto"
     fp8_dispatch: bool = True
     log_every: int = 10
     val_every: int = 50
@@ -42,6 +45,13 @@ class RunConfig:
                      dtype=OneOf(*DTYPES), log_every=Range(ge=1), val_every=Range(ge=1), val_batches=Range(ge=1),
                      profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"),
                      compile=OneOf("auto", "on", "off"))
+        if self.fp8_backend != "auto":
+            from dualflow.fp8 import Fp8Recipe
+
+            try:
+                Fp8Recipe(backend=self.fp8_backend)
+            except ValueError as exc:
+                raise ConfigError([f"train.fp8_backend: {exc}"], "invalid train config") from None
         if not self.run_dir.strip():
             raise ConfigError(["train.run_dir: expected a folder for the run's files, got ''"], "invalid train config")
 

@@ -135,7 +135,7 @@ class Trainer:
     def _setup_fp8(self) -> str:
         from dualflow.fp8 import Fp8Recipe, convert_to_fp8
 
-        recipe = Fp8Recipe()
+        recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend)
         reports = [convert_to_fp8(stage, recipe) for stage in self.stages]
         grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
         for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)

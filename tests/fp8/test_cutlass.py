@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dualflow import _cuda
-from dualflow.fp8 import BackendUnavailable, fp8_gemm, quantize_1x128, quantize_128x128
+from dualflow.fp8 import BackendUnavailable, fp8_gemm, quantize_1x128, quantize_128x1, quantize_128x128
 from dualflow.fp8 import cutlass as cl
 
 FP8 = torch.float8_e4m3fn
@@ -34,6 +34,7 @@ FP8 = torch.float8_e4m3fn
     ("grouped", 4 * 8192, 4096, 7168, 4, "grouped_128x128"),
     ("grouped", 8 * 48, 4096, 7168, 8, "grouped_64x128"),   # 48 rows per expert
     ("grouped", 2 * 256, 256, 7168, 2, "grouped_64x128"),   # 2 x 2 x 2 = 8 tiles
+    ("kgrouped_wgrad", 2816, 2048, 98304, 64, "kgrouped_wgrad_128x128"),
 ])
 def test_choose_config(kind, m, n, k, groups, expected):
     assert cl.choose_config(kind, m, n, k, groups=groups) == expected
@@ -41,7 +42,7 @@ def test_choose_config(kind, m, n, k, groups, expected):
 
 def test_choose_config_returns_a_config_of_the_kind_everywhere():
     for kind, m, n, groups in itertools.product(cl.KINDS, [0, 1, 63, 64, 65, 129, 1000, 8192], [8, 128, 7168], [1, 8]):
-        name = cl.choose_config(kind, m, n, 128, groups=groups if kind == "grouped" else 1)
+        name = cl.choose_config(kind, m, n, 128, groups=groups if "grouped" in kind else 1)
         assert cl._BY_NAME[name].kind == kind, (kind, m, n, name)
 
 
@@ -239,6 +240,31 @@ def test_empty_problems_need_no_kernel():
     assert bool((cl.gemm_fwd(a0, s0, b0, torch.zeros(2, 0)) == 0).all())
 
 
+def test_kgrouped_wgrad_errors():
+    (a, sa), (b, sb) = quantize_128x1(torch.randn(256, 64)), quantize_128x1(torch.randn(256, 32))  # [64|32, 256]
+    offsets = torch.tensor([0, 128, 128, 256])
+    with pytest.raises(TypeError, match=r"b must be a 2-D torch.float8_e4m3fn tensor"):
+        cl.kgrouped_wgrad(a, sa, b.float(), sb, offsets)
+    with pytest.raises(ValueError, match=r"b must be \[N, T\] with the same T"):
+        cl.kgrouped_wgrad(a, sa, b[:, :128], sb, offsets)
+    with pytest.raises(ValueError, match=r"b_scales must be float32 of shape \(32, 2\) \(1x128 tiles of b\[32, 256\]"):
+        cl.kgrouped_wgrad(a, sa, b, sb[:, :1], offsets)
+    with pytest.raises(ValueError, match=r"group_offsets must be a 1-D int32/int64 tensor .* got torch.float32"):
+        cl.kgrouped_wgrad(a, sa, b, sb, offsets.float())
+    with pytest.raises(cl.CutlassUnsupported, match=r"K must be a multiple of 128 .* got K=192"):
+        q, s = quantize_128x1(torch.randn(192, 64))
+        cl.kgrouped_wgrad(q, s, q, s, torch.tensor([0, 192]))
+    (a6, sa6) = quantize_128x1(torch.randn(256, 6))
+    with pytest.raises(cl.CutlassUnsupported, match=r"M and N must be multiples of 4 .* got M=6, N=32"):
+        cl.kgrouped_wgrad(a6, sa6, b, sb, offsets)
+    with pytest.raises(cl.CutlassUnsupported, match="CUDA tensors"):  # valid: stops at the device
+        cl.kgrouped_wgrad(a, sa, b, sb, offsets)
+    # nothing to multiply: no kernel, on any device
+    assert cl.kgrouped_wgrad(a, sa, b, sb, offsets[:1]).shape == (0, 64, 32)
+    empty = cl.kgrouped_wgrad(a[:, :0], sa[:, :0], b[:, :0], sb[:, :0], torch.tensor([0, 0, 0]))
+    assert empty.shape == (2, 64, 32) and bool((empty == 0).all())
+
+
 def test_engine_falls_through_to_the_next_backend_on_the_cpu():
     a, sa, b, sb = _dense()
     with pytest.raises(BackendUnavailable, match="cutlass: the CUTLASS GEMMs need CUDA tensors"):
@@ -264,17 +290,18 @@ def lib():
 
 def test_the_python_table_is_the_library_table(lib):
     assert cl.library_configs() == cl.CONFIGS
-    with pytest.raises(_cuda.CudaLibraryError, match=r"index must be in \[0, 5\), got 5"):
-        _cuda.call("dualflow_cutlass_config_info", 5, None, 0, *[None] * 7)
+    count = len(cl.CONFIGS)
+    with pytest.raises(_cuda.CudaLibraryError, match=rf"index must be in \[0, {count}\), got {count}"):
+        _cuda.call("dualflow_cutlass_config_info", count, None, 0, *[None] * 7)
 
 
 @pytest.mark.parametrize("config", [c.name for c in cl.CONFIGS])
 def test_workspace_query_without_a_gpu(lib, config):
     kind = cl._BY_NAME[config].kind
-    groups = 4 if kind == "grouped" else 1
+    groups = 4 if "grouped" in kind else 1
     size = cl.workspace_size(config, 1000, 7168, 2048, groups=groups)
     assert size >= 0
-    if kind == "grouped":  # CUTLASS's per-SM descriptors plus our per-group argument arrays
+    if "grouped" in kind:  # CUTLASS's per-SM descriptors plus our per-group argument arrays
         assert cl.workspace_size(config, 1000, 7168, 2048, groups=64) > size > 0
         assert cl.workspace_size(config, 1000, 7168, 2048, groups=4, num_sms=264) > size
     with pytest.raises(_cuda.CudaLibraryError, match=r"k must be a multiple of 128 .* got 200"):
@@ -302,6 +329,17 @@ def test_library_validation_messages(lib):
         ws(b"fwd_128x128", 128, 128, 256, 3, 256, 256, 128, 128, 0, 132)
     with pytest.raises(_cuda.CudaLibraryError, match=r"m, n, k must be < 2\^31"):
         ws(b"fwd_128x128", 2**31, 128, 256, 1, 256, 256, 128, 2**31, 0, 132)
+    kg = b"kgrouped_wgrad_128x128"
+    assert cl.workspace_size(kg.decode(), 2816, 2048, 98304, groups=64) > 0  # m, n, k, groups, lda, ldb, ldd, ...
+    with pytest.raises(_cuda.CudaLibraryError, match=r"d must be contiguous \[groups, m, n\] \(ldd = n = 128\)"):
+        ws(kg, 256, 128, 512, 2, 512, 512, 256, 256, 128, 132)
+    with pytest.raises(_cuda.CudaLibraryError, match="MN-major with sfa_ld = m and sfb_ld = n, both multiples of 4; "
+                                                     "got m=256 n=128 sfa_ld=260"):
+        ws(kg, 256, 128, 512, 2, 512, 512, 128, 260, 128, 132)
+    with pytest.raises(_cuda.CudaLibraryError, match="got m=254 n=128 sfa_ld=254"):
+        ws(kg, 254, 128, 512, 2, 512, 512, 128, 254, 128, 132)
+    with pytest.raises(_cuda.CudaLibraryError, match="lda must be >= k = 512 and a multiple of 16, got 256"):
+        ws(kg, 256, 128, 512, 2, 256, 512, 128, 256, 128, 132)
 
 
 def test_launch_entry_points_validate_before_touching_the_gpu(lib):
@@ -327,6 +365,14 @@ def test_launch_entry_points_validate_before_touching_the_gpu(lib):
         grouped(4, 8, 0)
     with pytest.raises(_cuda.CudaLibraryError, match="errors must be NULL or an 8-byte aligned device pointer"):
         grouped(256, 8, 260)
+    kgrouped = lambda config, offsets, offsets_bytes: _cuda.call(  # noqa: E731
+        "dualflow_cutlass_kgrouped_wgrad", config, 128, 128, 256, 2, 256, 256, 256, 256, 256, 256, offsets,
+        offsets_bytes, 0, 256, 132, 0, 0, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match="offsets_bytes must be 4 or 8, got 3"):
+        kgrouped(b"kgrouped_wgrad_128x128", 256, 3)
+    with pytest.raises(_cuda.CudaLibraryError, match="'grouped_64x128' is a grouped GEMM, this call needs a "
+                                                     "k-grouped weight-gradient one: kgrouped_wgrad_128x128"):
+        kgrouped(b"grouped_64x128", 256, 8)
     with pytest.raises(_cuda.CudaLibraryError, match="k must be a multiple of 128"):
         _cuda.call("dualflow_cutlass_gemm_wgrad", b"wgrad_128x128", 128, 128, 192, 256, 192, 256, 128, 256, 192, 256,
                    128, 256, 128, 1, 132, 0, 0, 0)

@@ -22,12 +22,14 @@ from dualflow.fp8 import (
     Fp8Recipe,
     fp8_gemm,
     fp8_grouped_gemm,
+    fp8_grouped_mlp,
     quantize_1x128,
     quantize_128x1,
     quantize_128x128,
 )
 from dualflow.fp8 import cutlass as cl
 from dualflow.fp8.groups import RECORD_SIZE, first_malformed
+from dualflow.fp8.moe import grouped_mlp_reference
 from tests.fp8.helpers import assert_agrees, gemm_error, magnitude, scaled_randn
 from tests.fp8.test_groups import guard_rows, guarded
 
@@ -151,6 +153,95 @@ def test_wgrad_adversarial_magnitudes():
     b, sb = quantize_1x128(_data(136, 640, 14, True))
     assert_agrees(cl.gemm_wgrad(a, sa, b, sb), fp8_gemm(a, sa, b, sb, torch.float32, backend=REF),
                   magnitude(a, sa, 1, b, sb, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight gradient grouped along the tokens (MoE experts)
+# ----------------------------------------------------------------------------------------------------------
+def _token_groups(counts, m, n, seed, adversarial, index_dtype=torch.int64):
+    """128x1-quantized ``dy.T [m, T]`` and ``x.T [n, T]`` with 128 rows after the last group (in no group)."""
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=index_dtype, device="cuda")
+    total = int(offsets[-1]) + 128
+    (a, sa), (b, sb) = quantize_128x1(_data(total, m, seed, adversarial)), quantize_128x1(
+        _data(total, n, seed + 1, adversarial))
+    return a, sa, b, sb, offsets
+
+
+@pytest.mark.parametrize("counts", [[128, 0, 384, 1024, 0], [0, 0], [2048], [128] * 16, [0, 256]])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_kgrouped_wgrad(counts, index_dtype):
+    m, n = 384, 264
+    for adversarial in (False, True):
+        a, sa, b, sb, offsets = _token_groups(counts, m, n, 70, adversarial, index_dtype)
+        got = cl.kgrouped_wgrad(a, sa, b, sb, offsets)
+        assert got.dtype == torch.float32 and got.shape == (len(counts), m, n)
+        want = torch.ops.dualflow.grouped_wgrad(a, sa, b, sb, offsets, "reference")
+        for g, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
+            if hi == lo:
+                assert torch.equal(got[g], torch.zeros_like(got[g])), "a group without tokens must get zeros"
+                continue
+            kb = slice(lo // 128, hi // 128)
+            assert_agrees(got[g], want[g], magnitude(a[:, lo:hi], sa[:, kb], 1, b[:, lo:hi], sb[:, kb], 1))
+
+
+@pytest.mark.parametrize("offsets", [[0, 512, 128, 640], [-128, 128, 256, 640], [0, 100, 300, 640],
+                                     [0, 256, 256, 9999]], ids=lambda o: "_".join(map(str, o)))
+def test_kgrouped_wgrad_with_malformed_offsets_stays_in_bounds(offsets):
+    # operands inside NaN guard columns of their storage (a read outside them puts a NaN into the output);
+    # the output is a fresh tensor, so a write outside it would corrupt memory the guards would not see:
+    # compute-sanitizer on this test is the stronger check
+    m, n, t = 256, 128, 640
+    (a, sa), (b, sb) = quantize_128x1(_data(t, m, 80, False)), quantize_128x1(_data(t, n, 81, False))
+    pad = 128
+
+    def guarded_columns(x, fill):
+        store = torch.full((x.shape[0], x.shape[1] + 2 * pad), fill, dtype=torch.float32, device="cuda").to(x.dtype)
+        store[:, pad:-pad] = x
+        return store[:, pad:-pad]
+
+    nan8 = float("nan")
+    a_in, b_in = guarded_columns(a, nan8), guarded_columns(b, nan8)
+    index = torch.tensor(offsets, dtype=torch.int64, device="cuda")
+    got = cl.kgrouped_wgrad(a_in, sa, b_in, sb, index)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all(), "a read outside a or b (their guards are NaN)"
+
+
+def test_kgrouped_wgrad_in_a_cuda_graph_and_in_the_expert_layer():
+    counts = [256, 0, 640, 128]
+    a, sa, b, sb, offsets = _token_groups(counts, 256, 128, 90, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cl.kgrouped_wgrad(a, sa, b, sb, offsets)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cl.kgrouped_wgrad(a, sa, b, sb, offsets)
+    fresh = _token_groups(counts, 256, 128, 91, True)
+    for dst, src in zip((a, sa, b, sb), fresh[:4], strict=True):
+        dst.copy_(src)
+    graph.replay()
+    assert torch.equal(captured, cl.kgrouped_wgrad(*fresh))  # the same kernel on the same data: same bits
+    # the experts' layer on the cutlass backend takes it for both weight gradients
+    torch.manual_seed(3)
+    e, d, h = 4, 256, 384
+    x = torch.randn(int(offsets[-1]), d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w13 = (torch.randn(e, 2 * h, d, device="cuda") / d ** 0.5).requires_grad_(True)
+    w2 = (torch.randn(e, d, h, device="cuda") / h ** 0.5).requires_grad_(True)
+    dy = torch.randn(int(offsets[-1]), d, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for backend in ("cutlass", "triton"):
+        for t in (x, w13, w2):
+            t.grad = None
+        fp8_grouped_mlp(x, w13, w2, offsets, Fp8Recipe(backend=backend)).backward(dy)
+        grads[backend] = [t.grad.clone() for t in (x, w13, w2)]
+    for t in (x, w13, w2):
+        t.grad = None
+    grouped_mlp_reference(x.double(), w13.double(), w2.double(), offsets).backward(dy.double())
+    for got, triton, exact in zip(grads["cutlass"], grads["triton"], (x.grad, w13.grad, w2.grad), strict=True):
+        assert gemm_error(got, exact) < 0.05  # FP8 against float64: the recipe's error
+        assert gemm_error(got, triton) < 1e-5  # the same quantized operands, two kernels: accumulation order
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualflow.fp8 import Fp8Recipe, dequantize, fp8_grouped_mlp
+from dualflow.fp8 import BackendUnavailable, Fp8Recipe, dequantize, fp8_grouped_mlp
 from dualflow.fp8.moe import grouped_mlp_reference, grouped_wgrad, swiglu_backward_quantize, swiglu_quantize
 from dualflow.fp8.quant import quantize_128x1
 
@@ -135,6 +135,23 @@ def test_grouped_wgrad_kernel_matches_the_per_expert_loop(counts):
     for g, c in enumerate(counts):
         if c == 0:
             assert torch.all(got[g] == 0)
+
+
+def test_grouped_wgrad_takes_the_cutlass_kernel_when_the_recipe_says_so(monkeypatch):
+    # the routing only: on the CPU the CUTLASS kernel refuses at its device check (it runs in
+    # tests/fp8/test_cutlass_gpu.py), where the Triton one runs under the interpreter
+    offsets = _offsets([128, 256])
+    a = quantize_128x1(_rows(offsets, [128, 256], int(offsets[-1]), 64, seed=8))
+    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):
+        grouped_wgrad(a, a, offsets, Fp8Recipe(backend="cutlass,torch", quant_backend="triton"), fused=True)
+    auto = Fp8Recipe(quant_backend="triton")
+    monkeypatch.setenv("DUALFLOW_FP8_BACKEND", "cutlass,triton")  # "auto" follows the process-wide choice
+    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):
+        grouped_wgrad(a, a, offsets, auto, fused=True)
+    monkeypatch.setenv("DUALFLOW_FP8_BACKEND", "triton,cutlass")
+    assert grouped_wgrad(a, a, offsets, auto, fused=True).shape == (2, 64, 64)
+    with pytest.raises(ValueError, match="backend must be 'triton', 'cutlass' or 'reference', got 'auto'"):
+        torch.ops.dualflow.grouped_wgrad(*a, *a, offsets, "auto")
 
 
 def test_reference_wgrad_refuses_unaligned_blocks():

@@ -64,7 +64,8 @@ CHOICES = {
 }
 FLAGS = ("model.tie_embeddings", "parallel.overlap", "parallel.zero1", "train.fp8", "train.fp8_dispatch",
          "train.profile_trace", "checkpoint.enabled")
-TEXT = ("data.paths", "data.val_paths", "data.tokenizer", "data.eos_token", "train.run_dir", "checkpoint.dir")
+TEXT = ("data.paths", "data.val_paths", "data.tokenizer", "data.eos_token", "train.run_dir", "checkpoint.dir",
+        "train.fp8_backend")
 
 
 def _problems(*overrides: str) -> tuple[str, ...]:
@@ -147,6 +148,10 @@ def test_text_keys():
     assert _problems("data.val_paths=['v']")[0].startswith("data.val_paths: read with data.source = 'binary' only")
     assert _problems("data.eos_token='<eos>'", "data.source=text", "data.paths=['a']") == (
         "data.eos_token: needs data.tokenizer (byte-level text ends documents with a 0 byte)",)
+    assert _problems("train.fp8_backend='cutlass,torch'") == ()
+    (problem,) = _problems("train.fp8_backend=cublas")
+    assert problem.startswith("train.fp8_backend: backend must be 'auto', one of (") and problem.endswith(
+        "or a comma list of them, got 'cublas'"), problem
 
 
 def test_microbatches_are_refused_before_anything_divides_by_them():
