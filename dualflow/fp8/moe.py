@@ -95,8 +95,8 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     """FP32 ``out[g] = a[:, block g] @ b[:, block g].T`` for 128x1-quantized ``a [N, T]``, ``b [M, T]``.
 
     The kernels read ``offsets`` on the device: the CUTLASS one when the recipe's GEMM backend (for
-    ``auto``: ``$DUALFLOW_FP8_BACKEND``) names ``cutlass`` first, else the Triton one; the reference (``fused=False``, or quantization not on Triton) loops
-    over the experts on the host.
+    ``auto``: ``$DUALFLOW_FP8_BACKEND``) names ``cutlass`` first, else the Triton one; the reference
+    (``fused=False``, or quantization not on Triton) loops over the experts on the host.
     """
     (aq, as_), (bq, bs) = a, b
     if fused is None:
