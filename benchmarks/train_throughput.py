@@ -13,7 +13,9 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 - ``base``: the config as it is, FP8 off, overlap on;  ``fp8``: FP8 linears (and FP8 dispatch as the
   config says), overlap on;  ``*-serial``: the same with ``parallel.overlap = false``;  ``*-eager``: the
   same without the CUDA-graph replay of a one-GPU step (``train.cuda_graph = off``);  ``*-nocompile``: the
-  same without compiling the compute phases (``train.compile = off``).
+  same without compiling the compute phases (``train.compile = off``);  ``fp8-cutlass``: ``fp8`` with the
+  CUTLASS GEMMs first (``train.fp8_backend = "cutlass,torch"``: the experts' weight gradients on the
+  k-grouped CUTLASS kernel, cuBLAS where CUTLASS does not run a shape).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -56,6 +58,7 @@ VARIANTS = {
     "fp8-eager": ["--train.fp8=true", "--train.cuda_graph=off"],
     "base-nocompile": ["--train.fp8=false", "--train.compile=off"],
     "fp8-nocompile": ["--train.fp8=true", "--train.compile=off"],
+    "fp8-cutlass": ["--train.fp8=true", "--train.fp8_backend=cutlass,torch"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
