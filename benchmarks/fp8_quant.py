@@ -1,15 +1,18 @@
 """FP8 quantization bandwidth: every quantizer beside a device-to-device copy of the same input.
 
     python benchmarks/fp8_quant.py [--smoke] [--json PATH] [--backends triton,reference] [--repeat N]
+                                   [--shape ROWS COLS ...] [--sweep]
 
 GB/s = bytes moved / median time (1 GB = 1e9 bytes): the BF16 input read once, every FP8 byte and FP32
 scale written. The copy row moves the input once in and once out (2 x its bytes); ``of copy`` is the
 quantizer's GB/s over the copy's, i.e. how close it runs to the memory bandwidth the same run measured.
 Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 18432 expert input) and a
-weight (7168 x 16384, 128x128 blocks). On a GPU every row times CUDA graph replays (as fp8_gemm.py
+weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them with the shapes given, every
+quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row times CUDA graph replays (as fp8_gemm.py
 does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes on whatever device there is.
 ``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (columns per program, warps) for
-every layout: the tuning behind ``dualflow.fp8.kernels.quant.launch_settings``.
+every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
+``dualflow.fp8.kernels.quant.launch_settings``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
+    parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("ROWS", "COLS"),
+                        help="a shape to time every quantizer on (repeatable; replaces the default shapes)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table = Table(["shape", "op", "backend", "ms", "GB/s", "of copy"], title=f"FP8 quantization on {name}")
     activations, weights = (SMOKE_ACTIVATIONS, SMOKE_WEIGHTS) if args.smoke else (ACTIVATIONS, WEIGHTS)
+    if args.shape:
+        activations, weights = [tuple(s) for s in args.shape], [tuple(s) for s in args.shape]
+    if any(r < 1 or c < 1 for r, c in activations):
+        parser.error(f"--shape: rows and columns must be >= 1, got {args.shape}")
     cases = [(shape, fn) for shape in activations
              for fn in (quantize_1x128, quantize_128x1, quantize_1x128_and_128x1)]
     cases += [(shape, quantize_128x128) for shape in weights]
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
                      graphs=not args.eager and device.type == "cuda")
     if args.sweep:
-        sweep = _sweep(activations[-1] if args.smoke else (16384, 7168), device, timed, copy_gbs)
+        sweep_shape = activations[0] if args.shape else activations[-1] if args.smoke else (16384, 7168)
+        sweep = _sweep(sweep_shape, device, timed, copy_gbs)
         sweep.print()
         if args.json:
             write_record(args.json, "fp8_quant_sweep", sweep.rows, smoke=args.smoke, repeat=repeat)
