@@ -8,8 +8,9 @@ scale written. The copy row moves the input once in and once out (2 x its bytes)
 quantizer's GB/s over the copy's, i.e. how close it runs to the memory bandwidth the same run measured.
 Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 18432 expert input) and a
 weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them with the shapes given, every
-quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row times CUDA graph replays (as fp8_gemm.py
-does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes on whatever device there is.
+quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row
+times CUDA graph replays (as fp8_gemm.py does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes
+on whatever device there is.
 ``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (columns per program, warps) for
 every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
 ``dualflow.fp8.kernels.quant.launch_settings``.
