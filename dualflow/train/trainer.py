@@ -134,8 +134,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- set-up
     def _setup_fp8(self) -> str:
         from dualflow.fp8 import Fp8Recipe, convert_to_fp8
+        from dualflow.fp8.gemm import BackendUnavailable, resolve_backend
 
         recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend)
+        for op in ("dense", "contiguous"):  # a backend this device cannot run: said now, not at the first GEMM
+            try:
+                resolve_backend(recipe.backend, self.device, op)
+            except BackendUnavailable as exc:
+                raise ValueError(f"train.fp8_backend={recipe.backend!r}: {exc}") from None
         reports = [convert_to_fp8(stage, recipe) for stage in self.stages]
         grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
         for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)

@@ -37,3 +37,11 @@ def test_fp8_final_loss_within_one_percent_of_bf16(tmp_path):
     rel = abs(got - base) / base
     print(f"\nFP8 vs BF16 after 200 steps: validation loss {got:.4f} vs {base:.4f}, relative difference {rel:.4%}")
     assert rel < 0.01
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_fp8_backend_this_device_cannot_run_is_refused_at_the_start(tmp_path):
+    cfg = tiny(tmp_path / "cutlass", train=dict(steps=1, fp8=True, fp8_backend="cutlass,torch"))
+    with pytest.raises(ValueError, match=r"train.fp8_backend='cutlass,torch': no FP8 GEMM backend of 'cutlass,torch' "
+                                         r"can run the dense GEMM on cpu: cutlass: the CUTLASS GEMMs need CUDA"):
+        Trainer(cfg)
