@@ -264,6 +264,22 @@ def _require_sm90(device: torch.device) -> None:
                                  f"sm{capability[0]}{capability[1]}")
 
 
+def _wgrad_operands(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                    k_name: str) -> tuple[int, int, int]:
+    """``(m, n, k)`` of weight-gradient operands ``a[M, K]``, ``b[N, K]``, both with 1x128 scales along K
+    (``k_name`` says what K is called in the messages)."""
+    _fp8_operand("a", a, 2)
+    _fp8_operand("b", b, 2)
+    (m, k), n = a.shape, b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"a is [M, {k_name}] = {tuple(a.shape)}, b must be [N, {k_name}] with the same {k_name}, "
+                         f"got {tuple(b.shape)}")
+    kb = math.ceil(k / BLOCK)
+    _fp32("a_scales", a_scales, (m, kb), f"1x128 tiles of a[{m}, {k}] along {k_name}")
+    _fp32("b_scales", b_scales, (n, kb), f"1x128 tiles of b[{n}, {k}] along {k_name}")
+    return m, n, k
+
+
 def _check_k(k: int) -> None:
     if k % BLOCK:
         raise CutlassUnsupported(f"K must be a multiple of {BLOCK} for the CUTLASS GEMMs (one scale per 128 of K "
@@ -365,14 +381,7 @@ def gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
 
     Writes into ``out`` (FP32 ``[M, N]``) when given, adding to it with ``accumulate=True``; returns it.
     """
-    _fp8_operand("a", a, 2)
-    _fp8_operand("b", b, 2)
-    (m, k), n = a.shape, b.shape[0]
-    if b.shape[1] != k:
-        raise ValueError(f"a is [M, K] = {tuple(a.shape)}, b must be [N, K] with the same K, got {tuple(b.shape)}")
-    kb = math.ceil(k / BLOCK)
-    _fp32("a_scales", a_scales, (m, kb), f"1x128 tiles of a[{m}, {k}] along K")
-    _fp32("b_scales", b_scales, (n, kb), f"1x128 tiles of b[{n}, {k}] along K")
+    m, n, k = _wgrad_operands(a, a_scales, b, b_scales, "K")
     named = {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales}
     if out is not None:
         _fp32("out", out, (m, n), "the FP32 weight gradient")
@@ -473,14 +482,7 @@ def kgrouped_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_s
     clamps and rounds them so that it never reads outside the operands; malformed ones leave groups of
     ``out`` unspecified.
     """
-    _fp8_operand("a", a, 2)
-    _fp8_operand("b", b, 2)
-    (m, t), n = a.shape, b.shape[0]
-    if b.shape[1] != t:
-        raise ValueError(f"a is [M, T] = {tuple(a.shape)}, b must be [N, T] with the same T, got {tuple(b.shape)}")
-    tb = math.ceil(t / BLOCK)
-    _fp32("a_scales", a_scales, (m, tb), f"1x128 tiles of a[{m}, {t}] along T")
-    _fp32("b_scales", b_scales, (n, tb), f"1x128 tiles of b[{n}, {t}] along T")
+    m, n, t = _wgrad_operands(a, a_scales, b, b_scales, "T")
     if (not isinstance(group_offsets, torch.Tensor) or group_offsets.dtype not in (torch.int32, torch.int64)
             or group_offsets.dim() != 1 or group_offsets.numel() < 1):
         got = (f"{group_offsets.dtype} of shape {tuple(group_offsets.shape)}" if isinstance(group_offsets, torch.Tensor)
@@ -507,8 +509,8 @@ def kgrouped_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_s
     offsets = group_offsets.contiguous()
     config = resolve_config("kgrouped_wgrad", m, n, t, config, groups=groups, num_sms=_num_sms(device))
     with nvtx.range(f"cutlass.kgrouped_wgrad.{config}"):
-        # the kernel describes each group's scales as an MN-major [T_g/128, M] block: [T/128, M] contiguous
-        sfa, sfb = a_scales.t().contiguous(), b_scales.t().contiguous()
+        # each group's scales an MN-major [T_g/128, M] block of [T/128, M] (M, N multiples of 4: no padding)
+        sfa, sfb = scales_mn_major(a_scales), scales_mn_major(b_scales)
         _launch("dualflow_cutlass_kgrouped_wgrad", device, config, (m, n, t, groups, lda, ldb, n, m, n),
                 m, n, t, groups, a.data_ptr(), lda, sfa.data_ptr(), b.data_ptr(), ldb, sfb.data_ptr(),
                 offsets.data_ptr(), offsets.element_size(), 0, out.data_ptr())

@@ -225,6 +225,12 @@ def _why_not_cached(name: str, device: torch.device, op: str, _interpret: str) -
     return entry.reason(device)
 
 
+def backend_names(spec: str, device: torch.device | str) -> list[str]:
+    """The backends ``spec`` lists for ``device``, in the order they are tried (``auto``: those of
+    ``$DUALFLOW_FP8_BACKEND``, else the default order), whether or not they can run there."""
+    return _parse(spec, torch.device(device))
+
+
 def _parse(spec: str, device: torch.device) -> list[str]:
     return list(_parse_cached(spec, device.type, os.environ.get(ENV_BACKEND, "")))
 

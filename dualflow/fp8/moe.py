@@ -19,12 +19,10 @@ block are neither read nor written meaningfully: their outputs and input gradien
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import ENV_BACKEND, fp8_grouped_gemm, run_dense
+from dualflow.fp8.gemm import backend_names, fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
@@ -101,10 +99,9 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     (aq, as_), (bq, bs) = a, b
     if fused is None:
         fused = _kernels_usable(aq, recipe)
-    # CUTLASS when the recipe (or, for "auto", $DUALFLOW_FP8_BACKEND) names it first; otherwise "auto" keeps
-    # the Triton kernel until the CUTLASS one measures faster
-    spec = recipe.backend if recipe.backend != "auto" else os.environ.get(ENV_BACKEND, "auto")
-    cutlass = spec.split(",")[0].strip() == "cutlass"
+    # CUTLASS when the recipe (or, for "auto", $DUALFLOW_FP8_BACKEND) names it first; the default order of
+    # "auto" keeps the Triton kernel until the CUTLASS one measures faster
+    cutlass = backend_names(recipe.backend, aq.device)[0] == "cutlass"
     backend = ("cutlass" if cutlass else "triton") if fused else "reference"
     return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, backend)
 

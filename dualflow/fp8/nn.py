@@ -250,9 +250,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         if need_dx:
             if ctx.w8 is not None:
                 wtq, wts = ctx.w8.transposed()
-            else:  # 128x128 blocks of W.T are the blocks of W transposed: same scales, same bytes
-                wq, ws = saved[-2:]
-                wtq, wts = wq.t().contiguous(), ws.t().contiguous()
+            else:  # traced: the weight's quantization is the last pair saved
+                wtq, wts = _Fp8Weight(*saved[-2:]).transposed()
             dx = _gemm(gq, gs, wtq, wts, _grad_dtype_of(ctx.x_dtype), False, recipe, plan)
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:

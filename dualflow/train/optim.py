@@ -101,15 +101,17 @@ class AdamW:
         """The update written out parameter by parameter (BF16 moments, and the tests' reference);
         ``steps`` must already count this step. Divided gradients are left behind, as the fused kernel does."""
         c = self.cfg
-        divisor = None if grad_divisor is None else torch.tensor(grad_divisor, dtype=torch.float32)
+        divisors: dict[torch.device, torch.Tensor] = {}  # one FP32 divisor per device, made once
         t = int(self.steps)
         bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
         for name in self.owned:
             p = self.params[name]
             if p.grad is None:
                 continue
-            if divisor is not None:
-                p.grad.copy_(p.grad.float() / divisor.to(p.device))
+            if grad_divisor is not None:
+                if p.device not in divisors:
+                    divisors[p.device] = torch.full((), grad_divisor, dtype=torch.float32, device=p.device)
+                p.grad.copy_(p.grad.float() / divisors[p.device])
             g = p.grad.float()
             m = self.exp_avg[name].float().mul_(c.beta1).add_(g, alpha=1 - c.beta1)
             v = self.exp_avg_sq[name].float().mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
