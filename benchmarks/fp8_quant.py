@@ -11,7 +11,7 @@ weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them wi
 quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row
 times CUDA graph replays (as fp8_gemm.py does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes
 on whatever device there is.
-``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (columns per program, warps) for
+``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (rows and columns per program, warps) for
 every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
 ``dualflow.fp8.kernels.quant.launch_settings``.
 """
@@ -126,22 +126,26 @@ def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) 
     if shape not in copy_gbs:
         y = torch.empty_like(x)
         copy_gbs[shape] = 2 * x.nbytes / timed(lambda: y.copy_(x)) / 1e9
-    table = Table(["layout", "tile_c", "warps", "ms", "GB/s", "of copy"],
+    table = Table(["layout", "tile_r", "tile_c", "warps", "ms", "GB/s", "of copy"],
                   title=f"Triton quantizer launch sweep, {r}x{c}")
-    layouts = (("1x128", "quantize_1x128", (128,), (True, False, False)),
-               ("128x1", "quantize_128x1", (32, 64, 128), (False, True, False)),
-               ("1x128+128x1", "quantize_1x128_and_128x1", (128,), (True, True, False)),
-               ("128x128", "quantize_128x128", (128,), (False, False, True)))
-    for layout, name, tiles, (rowwise, colwise, blockwise) in layouts:
+    # (layout, op, rows per program, columns per program, modes): a layout alone may narrow its own tiles
+    layouts = (("1x128", "quantize_1x128", (32, 64, 128), (128,), (True, False, False)),
+               ("128x1", "quantize_128x1", (128,), (32, 64, 128), (False, True, False)),
+               ("1x128+128x1", "quantize_1x128_and_128x1", (128,), (128,), (True, True, False)),
+               ("128x128", "quantize_128x128", (128,), (128,), (False, False, True)))
+    for layout, name, tiles_r, tiles_c, (rowwise, colwise, blockwise) in layouts:
         moved = x.nbytes + _out_bytes(name, r, c)
-        for tile_c in tiles:
-            for warps in (2, 4, 8, 16):
-                t = timed(lambda tile_c=tile_c, warps=warps, m=(rowwise, colwise, blockwise): kernel(
-                    x, rowwise=m[0], colwise=m[1], blockwise=m[2], pow2_scales=False, tile_c=tile_c,
-                    num_warps=warps))
-                gbs = moved / t / 1e9
-                table.add(layout=layout, tile_c=tile_c, warps=warps, ms=t * 1e3,
-                          **{"GB/s": gbs, "of copy": gbs / copy_gbs[shape]})
+        for tile_r in tiles_r:
+            for tile_c in tiles_c:
+                for warps in (1, 2, 4, 8, 16):
+                    if tile_r * tile_c < 32 * warps * 8:  # fewer than 8 elements a thread: never faster
+                        continue
+                    t = timed(lambda tile_r=tile_r, tile_c=tile_c, warps=warps, m=(rowwise, colwise, blockwise):
+                              kernel(x, rowwise=m[0], colwise=m[1], blockwise=m[2], pow2_scales=False,
+                                     tile_r=tile_r, tile_c=tile_c, num_warps=warps))
+                    gbs = moved / t / 1e9
+                    table.add(layout=layout, tile_r=tile_r, tile_c=tile_c, warps=warps, ms=t * 1e3,
+                              **{"GB/s": gbs, "of copy": gbs / copy_gbs[shape]})
     return table
 
 

@@ -2,7 +2,15 @@
 
 Bit-exact with :mod:`dualflow.fp8.quant`'s reference: the amax is a max (order-free), the divisions are
 correctly rounded (``div_rn``, not the approximate ``/``), ``x * (1 / scale)`` is a single multiply (nothing
-to contract into an FMA), and the clamp keeps NaN before the round-to-nearest-even cast.
+to contract into an FMA), and the cast saturates and keeps NaN as the reference's clamp does.
+
+The kernel is limited by instructions, not bandwidth, so each element gets as few as the layout allows:
+- the amax is an integer max over the bit patterns of ``|x|``. Non-negative floats order like their bit
+  patterns and every NaN pattern lies above Inf's, so that max propagates NaN in one instruction per
+  element, where the GPU's float max drops NaN and needed a second reduction to put it back;
+- the cast is the only clamp: Triton lowers it to ``cvt.rn.satfinite`` (round to nearest even, finite
+  values and Inf saturate to +-448, NaN stays NaN), exactly the reference's clamp-then-cast. The CPU
+  tests give the interpreter the same conversion (tests/triton_fp8.py).
 """
 
 from __future__ import annotations
@@ -13,14 +21,20 @@ import triton.language as tl
 
 from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, empty_scales
 
-_FLOOR = tl.constexpr(AMAX_FLOOR)
+_FLOOR_BITS = tl.constexpr(int(torch.tensor(AMAX_FLOOR, dtype=torch.float32).view(torch.int32)))
 _MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
-def _scale(amax, has_nan, POW2: tl.constexpr):
-    amax = tl.maximum(amax, _FLOOR)
-    amax = tl.where(has_nan, float("nan"), amax)  # maximum() drops NaN on the GPU: put it back
+def _abs_bits(x):
+    """Bit patterns of ``|x|`` (fp32) as int32: their integer order is the float order, NaN above Inf."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _scale(amax_bits, POW2: tl.constexpr):
+    """The scale ``max(amax, floor) / 448`` (NaN if the group holds one) from :func:`_abs_bits`' max."""
+    amax = tl.maximum(amax_bits, _FLOOR_BITS).to(tl.float32, bitcast=True)
     scale = tl.math.div_rn(amax, _MAX)
     if POW2:
         bits = scale.to(tl.int32, bitcast=True)
@@ -32,9 +46,7 @@ def _scale(amax, has_nan, POW2: tl.constexpr):
 
 @triton.jit
 def _to_fp8(y):
-    y = tl.where(y > _MAX, _MAX, y)  # where, not minimum/maximum: NaN must survive
-    y = tl.where(y < -_MAX, -_MAX, y)
-    return y.to(tl.float8e4nv)
+    return y.to(tl.float8e4nv)  # cvt.rn.satfinite: the saturation is the clamp (module docstring)
 
 
 @triton.jit
@@ -55,31 +67,30 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    nan = (x != x).to(tl.int32)
+    ab = _abs_bits(x)
     one_r = tl.full((TILE_R,), 1.0, tl.float32)
     one_c = tl.full((TILE_C,), 1.0, tl.float32)
     if ROWWISE:  # 1x128: one scale per row of the tile
-        scale = _scale(tl.max(ax, axis=1), tl.max(nan, axis=1) > 0, POW2)
+        scale = _scale(tl.max(ab, axis=1), POW2)
         q = _to_fp8(x * tl.math.div_rn(one_r, scale)[:, None])
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
         tl.store(s_ptr + rows64 * ssr + pid_c * ssc, scale, mask=in_r)
     if COLWISE:  # 128x1: one scale per column, written transposed ([C, R])
-        scale = _scale(tl.max(ax, axis=0), tl.max(nan, axis=0) > 0, POW2)
+        scale = _scale(tl.max(ab, axis=0), POW2)
         q = _to_fp8(x * tl.math.div_rn(one_c, scale)[None, :])
         mask_t = in_c[:, None] & in_r[None, :]
         tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=mask_t)
         tl.store(st_ptr + cols64 * sstr + pid_r * sstc, scale, mask=in_c)
     if BLOCKWISE:  # 128x128: one scale for the tile
-        has_nan = tl.max(tl.max(nan, axis=1), axis=0) > 0
-        scale = _scale(tl.max(tl.max(ax, axis=1), axis=0), has_nan, POW2)
+        scale = _scale(tl.max(tl.max(ab, axis=1), axis=0), POW2)
         q = _to_fp8(x * tl.math.div_rn(1.0, scale))
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
         tl.store(s_ptr + pid_r * ssr + pid_c * ssc, scale)
 
 
-def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
-    """(columns per program, warps) measured fastest on an H100 (``fp8_quant.py --sweep``, RESULTS.md).
+def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
+    """(rows per program, columns per program, warps) measured fastest on an H100 (``fp8_quant.py --sweep``,
+    RESULTS.md).
 
     The 128x1 layout alone runs narrow programs with few warps (64 columns, 2 warps: 87% of the copy
     bandwidth, against 46% for 128 columns and 8 warps, which hold 128 registers per thread at 25%
@@ -88,26 +99,30 @@ def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int]:
     slices and re-reading them from L2 for the 1x128 pass measured slower, 45%).
     """
     if colwise and not rowwise:
-        return 64, 2
+        return BLOCK, 64, 2
     if colwise:
-        return BLOCK, 4
-    return BLOCK, 8
+        return BLOCK, BLOCK, 4
+    return BLOCK, BLOCK, 8
 
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
-             tile_c: int | None = None, num_warps: int | None = None,
+             tile_r: int | None = None, tile_c: int | None = None, num_warps: int | None = None,
              m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
-    ``tile_c`` (columns per program, 128 unless the 128x1 layout is alone) and ``num_warps`` default to
-    :func:`launch_settings`. ``m_major`` writes the 1x128 scales (``scales`` of the rowwise layout and
-    ``scales_t``) with strides ``(1, rows)`` instead of row-major: the layout torch's block-scaled matmul
-    reads, which saves a copy kernel per GEMM operand (:func:`dualflow.fp8.quant.empty_scales`).
+    ``tile_r`` and ``tile_c`` (rows and columns per program: 128 unless the 1x128 layout is alone, which
+    takes any power of two of rows, or the 128x1 layout is alone, which takes any power of two of columns)
+    and ``num_warps`` default to :func:`launch_settings`. ``m_major`` writes the 1x128 scales (``scales``
+    of the rowwise layout and ``scales_t``) with strides ``(1, rows)`` instead of row-major: the layout
+    torch's block-scaled matmul reads, which saves a copy kernel per GEMM operand
+    (:func:`dualflow.fp8.quant.empty_scales`).
     """
-    default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
-    tile_c, num_warps = tile_c or default_c, num_warps or default_warps
+    default_r, default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
+    tile_r, tile_c, num_warps = tile_r or default_r, tile_c or default_c, num_warps or default_warps
     if tile_c != BLOCK and (rowwise or blockwise):
         raise ValueError(f"tile_c={tile_c}: the 1x128 and 128x128 layouts need 128 columns per program")
+    if tile_r != BLOCK and (colwise or blockwise):
+        raise ValueError(f"tile_r={tile_r}: the 128x1 and 128x128 layouts need 128 rows per program")
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
     q = s = qt = st = None
@@ -121,12 +136,12 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
-    _quant_kernel[(rb, triton.cdiv(cols, tile_c))](
+    _quant_kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
         first, first_s, cols, first_s.stride(0), first_s.stride(1),
         qt if qt is not None else first, st if st is not None else first_s, rows,
         st.stride(0) if st is not None else 0, st.stride(1) if st is not None else 0,
-        ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE_R=BLOCK, TILE_C=tile_c,
+        ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE_R=tile_r, TILE_C=tile_c,
         num_warps=num_warps,
     )
     return q, s, qt, st

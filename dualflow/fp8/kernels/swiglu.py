@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dualflow.fp8.kernels.quant import _scale, _to_fp8
+from dualflow.fp8.kernels.quant import _abs_bits, _scale, _to_fp8
 from dualflow.fp8.kernels.quant import quantize as _quantize
 from dualflow.fp8.quant import BLOCK, FP8_DTYPE
 
@@ -31,8 +31,7 @@ def _rowwise_store(v, rows64, cols64, in_r, in_c, pid_c, v_ptr, svr, q_ptr, sqr,
     v = v.to(v_ptr.dtype.element_ty)  # the value as the step holds it; both layouts quantize this
     tl.store(v_ptr + rows64[:, None] * svr + cols64[None, :], v, mask=mask)
     v = v.to(tl.float32)
-    nan = (v != v).to(tl.int32)
-    scale = _scale(tl.max(tl.abs(v), axis=1), tl.max(nan, axis=1) > 0, POW2)
+    scale = _scale(tl.max(_abs_bits(v), axis=1), POW2)
     one = tl.full((v.shape[0],), 1.0, tl.float32)
     tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], _to_fp8(v * tl.math.div_rn(one, scale)[:, None]),
              mask=mask)
