@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import backend_names, fp8_grouped_gemm, run_dense
+from dualflow.fp8.gemm import available_backends, backend_names, fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
@@ -88,21 +88,32 @@ def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales:
     return run_quantizer(dh, True, True, False, pow2_scales, quant_backend)
 
 
+def wgrad_backend(spec: str, device: torch.device | str) -> str:
+    """The kernel of the experts' weight gradient for GEMM backend ``spec`` (``auto``: its default order)
+    on ``device``: the first backend of the order that has a token-grouped weight-gradient kernel and can
+    run here. ``cutlass`` (729 TFLOP/s on V2-Lite's 64 experts on an H200, benchmarks/NOTES_gpu.md row 13)
+    comes before ``triton`` (454) in the default order; ``torch`` has no such kernel. ``triton`` when the
+    order names neither: the quantizers that wrote the operands run on it."""
+    device = torch.device(device)
+    for name in backend_names(spec, device):
+        if name == "cutlass" and available_backends(device, "contiguous")["cutlass"] is None:
+            return "cutlass"
+        if name == "triton":
+            return "triton"
+    return "triton"
+
+
 def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,
                   fused: bool | None = None) -> torch.Tensor:
     """FP32 ``out[g] = a[:, block g] @ b[:, block g].T`` for 128x1-quantized ``a [N, T]``, ``b [M, T]``.
 
-    The kernels read ``offsets`` on the device: the CUTLASS one when the recipe's GEMM backend (for
-    ``auto``: ``$DUALFLOW_FP8_BACKEND``) names ``cutlass`` first, else the Triton one; the reference
-    (``fused=False``, or quantization not on Triton) loops over the experts on the host.
+    The kernels read ``offsets`` on the device (:func:`wgrad_backend` picks CUTLASS's or Triton's); the
+    reference (``fused=False``, or quantization not on Triton) loops over the experts on the host.
     """
     (aq, as_), (bq, bs) = a, b
     if fused is None:
         fused = _kernels_usable(aq, recipe)
-    # CUTLASS when the recipe (or, for "auto", $DUALFLOW_FP8_BACKEND) names it first; the default order of
-    # "auto" keeps the Triton kernel until the CUTLASS one measures faster
-    cutlass = backend_names(recipe.backend, aq.device)[0] == "cutlass"
-    backend = ("cutlass" if cutlass else "triton") if fused else "reference"
+    backend = wgrad_backend(recipe.backend, aq.device) if fused else "reference"
     return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, backend)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dualflow.fp8 import BackendUnavailable, Fp8Recipe, dequantize, fp8_grouped_mlp
-from dualflow.fp8.moe import grouped_mlp_reference, grouped_wgrad, swiglu_backward_quantize, swiglu_quantize
+from dualflow.fp8.moe import grouped_mlp_reference, grouped_wgrad, swiglu_backward_quantize, wgrad_backend, swiglu_quantize
+from dualflow.fp8.gemm import AUTO_CUDA
 from dualflow.fp8.quant import quantize_128x1
 
 REFERENCE = Fp8Recipe(backend="reference", quant_backend="reference")
@@ -137,20 +138,28 @@ def test_grouped_wgrad_kernel_matches_the_per_expert_loop(counts):
             assert torch.all(got[g] == 0)
 
 
-def test_grouped_wgrad_takes_the_cutlass_kernel_when_the_recipe_says_so(monkeypatch):
-    # the routing only: on the CPU the CUTLASS kernel refuses at its device check (it runs in
-    # tests/fp8/test_cutlass_gpu.py), where the Triton one runs under the interpreter
+def test_grouped_wgrad_takes_the_first_usable_kernel_of_the_backend_order(monkeypatch):
+    import dualflow.fp8.moe as moe
+
     offsets = _offsets([128, 256])
     a = quantize_128x1(_rows(offsets, [128, 256], int(offsets[-1]), 64, seed=8))
-    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):
-        grouped_wgrad(a, a, offsets, Fp8Recipe(backend="cutlass,torch", quant_backend="triton"), fused=True)
-    auto = Fp8Recipe(quant_backend="triton")
-    monkeypatch.setenv("DUALFLOW_FP8_BACKEND", "cutlass,triton")  # "auto" follows the process-wide choice
-    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):
-        grouped_wgrad(a, a, offsets, auto, fused=True)
-    monkeypatch.setenv("DUALFLOW_FP8_BACKEND", "triton,cutlass")  # the Triton kernel, under the interpreter
-    torch.testing.assert_close(grouped_wgrad(a, a, offsets, auto, fused=True),
-                               grouped_wgrad(a, a, offsets, REFERENCE, fused=False), rtol=1e-5, atol=1e-4)
+    want = grouped_wgrad(a, a, offsets, REFERENCE, fused=False)
+    # on the CPU CUTLASS cannot run (it runs in tests/fp8/test_cutlass_gpu.py): every order ends on the
+    # Triton kernel, under the interpreter
+    for spec in ("cutlass,torch", "auto", "torch,cutlass,triton,reference", "triton,cutlass"):
+        assert wgrad_backend(spec, "cpu") == "triton"
+        torch.testing.assert_close(grouped_wgrad(a, a, offsets, Fp8Recipe(backend=spec, quant_backend="triton"),
+                                                 fused=True), want, rtol=1e-5, atol=1e-4)
+    # where CUTLASS can run it goes first in the default order and in any order naming it before Triton
+    real = moe.available_backends
+    monkeypatch.setattr(moe, "available_backends", lambda device, op: {**real(device, op), "cutlass": None})
+    assert [wgrad_backend(s, "cpu") for s in (AUTO_CUDA, "cutlass,torch", "triton,cutlass", "torch")] == [
+        "cutlass", "cutlass", "triton", "triton"]
+    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):  # it was called
+        grouped_wgrad(a, a, offsets, Fp8Recipe(backend=AUTO_CUDA, quant_backend="triton"), fused=True)
+    for env, want_backend in (("cutlass,triton", "cutlass"), ("triton,cutlass", "triton")):
+        monkeypatch.setenv("DUALFLOW_FP8_BACKEND", env)  # "auto" follows the process-wide choice
+        assert wgrad_backend("auto", "cpu") == want_backend
     with pytest.raises(ValueError, match="backend must be 'triton', 'cutlass' or 'reference', got 'auto'"):
         torch.ops.dualflow.grouped_wgrad(*a, *a, offsets, "auto")
 
