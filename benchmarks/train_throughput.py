@@ -15,7 +15,8 @@ invocation. Variants run one after the other: on a GPU compare them within one i
   same without the CUDA-graph replay of a one-GPU step (``train.cuda_graph = off``);  ``*-nocompile``: the
   same without compiling the compute phases (``train.compile = off``);  ``fp8-cutlass``: ``fp8`` with the
   CUTLASS GEMMs first (``train.fp8_backend = "cutlass,torch"``: the experts' weight gradients on the
-  k-grouped CUTLASS kernel, cuBLAS where CUTLASS does not run a shape).
+  k-grouped CUTLASS kernel, cuBLAS where CUTLASS does not run a shape);  ``fp8-cutlass-wgrad``: ``fp8``
+  with only the experts' weight gradients on that CUTLASS kernel (``train.fp8_wgrad_backend = "cutlass"``).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -59,6 +60,7 @@ VARIANTS = {
     "base-nocompile": ["--train.fp8=false", "--train.compile=off"],
     "fp8-nocompile": ["--train.fp8=true", "--train.compile=off"],
     "fp8-cutlass": ["--train.fp8=true", "--train.fp8_backend=cutlass,torch"],
+    "fp8-cutlass-wgrad": ["--train.fp8=true", "--train.fp8_wgrad_backend=cutlass"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualflow.fp8.gemm import available_backends, backend_names, fp8_grouped_gemm, run_dense
+from dualflow.fp8.gemm import BackendUnavailable, available_backends, backend_names, fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
 from dualflow.fp8.recipe import Fp8Recipe
@@ -88,19 +88,25 @@ def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales:
     return run_quantizer(dh, True, True, False, pow2_scales, quant_backend)
 
 
-def wgrad_backend(spec: str, device: torch.device | str) -> str:
-    """The kernel of the experts' weight gradient for GEMM backend ``spec`` (``auto``: its default order)
-    on ``device``: the first backend of the order that has a token-grouped weight-gradient kernel and can
-    run here. ``cutlass`` (729 TFLOP/s on V2-Lite's 64 experts on an H200, benchmarks/NOTES_gpu.md row 13)
-    comes before ``triton`` (454) in the default order; ``torch`` has no such kernel. ``triton`` when the
-    order names neither: the quantizers that wrote the operands run on it."""
+def wgrad_backend(recipe: Fp8Recipe, device: torch.device | str) -> str:
+    """The kernel of the experts' weight gradient under ``recipe`` on ``device``: ``recipe.wgrad_backend``
+    when it names one (``cutlass`` refused with the reason where it cannot run); for ``auto``, CUTLASS's
+    when the GEMM backend order names ``cutlass`` first and it runs here, else Triton's.
+
+    Why ``auto`` does not take CUTLASS's whenever it can run: alone it is the faster kernel (729 against
+    454 TFLOP/s on V2-Lite's 64 experts on an H200), but the training steps measured with it in ``auto``'s
+    default order were not faster (benchmarks/NOTES_gpu.md row 15); ``train_throughput.py``'s
+    ``fp8-cutlass-wgrad`` variant measures the two in one invocation.
+    """
     device = torch.device(device)
-    for name in backend_names(spec, device):
-        if name == "cutlass" and available_backends(device, "contiguous")["cutlass"] is None:
-            return "cutlass"
-        if name == "triton":
-            return "triton"
-    return "triton"
+    if recipe.wgrad_backend == "triton":
+        return "triton"
+    why_not = available_backends(device, "contiguous")["cutlass"]
+    if recipe.wgrad_backend == "cutlass":
+        if why_not is not None:
+            raise BackendUnavailable(f"wgrad_backend='cutlass' cannot run on {device}: {why_not}")
+        return "cutlass"
+    return "cutlass" if why_not is None and backend_names(recipe.backend, device)[0] == "cutlass" else "triton"
 
 
 def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,
@@ -113,7 +119,7 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     (aq, as_), (bq, bs) = a, b
     if fused is None:
         fused = _kernels_usable(aq, recipe)
-    backend = wgrad_backend(recipe.backend, aq.device) if fused else "reference"
+    backend = wgrad_backend(recipe, aq.device) if fused else "reference"
     return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, backend)
 
 

@@ -8,6 +8,8 @@ import fnmatch
 from dualflow.fp8.gemm import BACKENDS
 from dualflow.fp8.quant import BLOCK
 
+WGRAD_BACKENDS = ("auto", "cutlass", "triton")
+
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Recipe:
@@ -21,6 +23,9 @@ class Fp8Recipe:
       in high precision (embedding, output head, router/gate, normalization).
     - ``backend``: GEMM backend for :func:`dualflow.fp8.fp8_gemm` (a name, a comma list, or ``"auto"``).
     - ``quant_backend``: quantization backend (``"auto"``, ``"reference"``, ``"triton"``).
+    - ``wgrad_backend``: the kernel of the routed experts' weight gradients (grouped along the tokens):
+      ``"cutlass"``, ``"triton"``, or ``"auto"``: CUTLASS's when ``backend`` names ``cutlass`` first and it
+      runs here, else Triton's (:func:`dualflow.fp8.moe.wgrad_backend`).
     """
 
     block_size: int = BLOCK
@@ -29,6 +34,7 @@ class Fp8Recipe:
                                        "*.gate", "*norm*")
     backend: str = "auto"
     quant_backend: str = "auto"
+    wgrad_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size != BLOCK:
@@ -38,6 +44,8 @@ class Fp8Recipe:
             raise ValueError(f"backend must be 'auto', one of {BACKENDS} or a comma list of them, got {self.backend!r}")
         if self.quant_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"quant_backend must be 'auto', 'reference' or 'triton', got {self.quant_backend!r}")
+        if self.wgrad_backend not in WGRAD_BACKENDS:
+            raise ValueError(f"wgrad_backend must be one of {WGRAD_BACKENDS}, got {self.wgrad_backend!r}")
         if isinstance(self.high_precision, str):
             raise TypeError("high_precision is a tuple of patterns; got a single string (write (pattern,))")
 

@@ -25,6 +25,9 @@ class RunConfig:
     # fp8_backend: the FP8 GEMM backend (Fp8Recipe.backend: "auto", a name or a comma list tried in order,
     # e.g. "cutlass,torch"); "auto" takes what measured fastest for each GEMM
     fp8_backend: str = "auto"
+    # fp8_wgrad_backend: the routed experts' weight-gradient kernel (Fp8Recipe.wgrad_backend: "auto",
+    # "cutlass", "triton")
+    fp8_wgrad_backend: str = "auto"
     fp8_dispatch: bool = True
     log_every: int = 10
     val_every: int = 50
@@ -44,7 +47,7 @@ class RunConfig:
         check_fields(self, "train", steps=Range(ge=1), global_batch=Range(ge=1), seed=Range(ge=0, lt=2**63),
                      dtype=OneOf(*DTYPES), log_every=Range(ge=1), val_every=Range(ge=1), val_batches=Range(ge=1),
                      profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"),
-                     compile=OneOf("auto", "on", "off"))
+                     compile=OneOf("auto", "on", "off"), fp8_wgrad_backend=OneOf("auto", "cutlass", "triton"))
         if self.fp8_backend != "auto":
             from dualflow.fp8 import Fp8Recipe
 

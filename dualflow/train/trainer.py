@@ -135,13 +135,18 @@ class Trainer:
     def _setup_fp8(self) -> str:
         from dualflow.fp8 import Fp8Recipe, convert_to_fp8
         from dualflow.fp8.gemm import BackendUnavailable, resolve_backend
+        from dualflow.fp8.moe import wgrad_backend
 
-        recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend)
+        recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend, wgrad_backend=self.cfg.train.fp8_wgrad_backend)
         for op in ("dense", "contiguous"):  # a backend this device cannot run: said now, not at the first GEMM
             try:
                 resolve_backend(recipe.backend, self.device, op)
             except BackendUnavailable as exc:
                 raise ValueError(f"train.fp8_backend={recipe.backend!r}: {exc}") from None
+        try:
+            wgrad_backend(recipe, self.device)
+        except BackendUnavailable as exc:
+            raise ValueError(f"train.fp8_wgrad_backend={recipe.wgrad_backend!r}: {exc}") from None
         reports = [convert_to_fp8(stage, recipe) for stage in self.stages]
         grouped = [m for stage in self.stages for m in stage.modules() if isinstance(m, GroupedExperts)]
         for experts in grouped:  # the routed experts' grouped GEMMs (nn.Linear conversion does not see them)

@@ -138,28 +138,38 @@ def test_grouped_wgrad_kernel_matches_the_per_expert_loop(counts):
             assert torch.all(got[g] == 0)
 
 
-def test_grouped_wgrad_takes_the_first_usable_kernel_of_the_backend_order(monkeypatch):
+def test_grouped_wgrad_kernel_follows_the_recipe(monkeypatch):
     import dualflow.fp8.moe as moe
 
     offsets = _offsets([128, 256])
     a = quantize_128x1(_rows(offsets, [128, 256], int(offsets[-1]), 64, seed=8))
     want = grouped_wgrad(a, a, offsets, REFERENCE, fused=False)
-    # on the CPU CUTLASS cannot run (it runs in tests/fp8/test_cutlass_gpu.py): every order ends on the
-    # Triton kernel, under the interpreter
-    for spec in ("cutlass,torch", "auto", "torch,cutlass,triton,reference", "triton,cutlass"):
-        assert wgrad_backend(spec, "cpu") == "triton"
-        torch.testing.assert_close(grouped_wgrad(a, a, offsets, Fp8Recipe(backend=spec, quant_backend="triton"),
-                                                 fused=True), want, rtol=1e-5, atol=1e-4)
-    # where CUTLASS can run it goes first in the default order and in any order naming it before Triton
+
+    def recipe(**kw):
+        return Fp8Recipe(quant_backend="triton", **kw)
+
+    # on the CPU CUTLASS cannot run (it runs in tests/fp8/test_cutlass_gpu.py): "auto" falls to the Triton
+    # kernel (under the interpreter) whatever the order; asking for CUTLASS by name is refused with why
+    for spec in ("cutlass,torch", "auto", AUTO_CUDA):
+        assert wgrad_backend(recipe(backend=spec), "cpu") == "triton"
+        torch.testing.assert_close(grouped_wgrad(a, a, offsets, recipe(backend=spec), fused=True), want,
+                                   rtol=1e-5, atol=1e-4)
+    with pytest.raises(BackendUnavailable, match="wgrad_backend='cutlass' cannot run on cpu: .*CUDA"):
+        grouped_wgrad(a, a, offsets, recipe(wgrad_backend="cutlass"), fused=True)
+    # where CUTLASS can run, "auto" takes it when the GEMM order names cutlass first; a name always wins
     real = moe.available_backends
     monkeypatch.setattr(moe, "available_backends", lambda device, op: {**real(device, op), "cutlass": None})
-    assert [wgrad_backend(s, "cpu") for s in (AUTO_CUDA, "cutlass,torch", "triton,cutlass", "torch")] == [
-        "cutlass", "cutlass", "triton", "triton"]
-    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):  # it was called
-        grouped_wgrad(a, a, offsets, Fp8Recipe(backend=AUTO_CUDA, quant_backend="triton"), fused=True)
-    for env, want_backend in (("cutlass,triton", "cutlass"), ("triton,cutlass", "triton")):
-        monkeypatch.setenv("DUALFLOW_FP8_BACKEND", env)  # "auto" follows the process-wide choice
-        assert wgrad_backend("auto", "cpu") == want_backend
+    cases = {("cutlass,torch", "auto"): "cutlass", (AUTO_CUDA, "auto"): "triton", ("triton,cutlass", "auto"): "triton",
+             (AUTO_CUDA, "cutlass"): "cutlass", ("cutlass", "triton"): "triton"}
+    for (spec, wgrad), kernel in cases.items():
+        assert wgrad_backend(recipe(backend=spec, wgrad_backend=wgrad), "cpu") == kernel, (spec, wgrad)
+    with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):  # the kernel was called
+        grouped_wgrad(a, a, offsets, recipe(wgrad_backend="cutlass"), fused=True)
+    for env, kernel in (("cutlass,triton", "cutlass"), ("triton,cutlass", "triton")):
+        monkeypatch.setenv("DUALFLOW_FP8_BACKEND", env)  # "auto" follows the process-wide order
+        assert wgrad_backend(recipe(), "cpu") == kernel
+    with pytest.raises(ValueError, match=r"wgrad_backend must be one of \('auto', 'cutlass', 'triton'\), got 'torch'"):
+        recipe(wgrad_backend="torch")
     with pytest.raises(ValueError, match="backend must be 'triton', 'cutlass' or 'reference', got 'auto'"):
         torch.ops.dualflow.grouped_wgrad(*a, *a, offsets, "auto")
 

@@ -60,7 +60,7 @@ CHOICES = {
     "parallel.comm_checks": ("collective", "first", "local"), "data.source": ("stdlib", "text", "binary"),
     "optim.moments_dtype": ("float32", "bfloat16"), "train.dtype": ("float32", "bfloat16"),
     "train.cuda_graph": ("auto", "on", "off"),
-    "train.compile": ("auto", "on", "off"),
+    "train.compile": ("auto", "on", "off"), "train.fp8_wgrad_backend": ("auto", "cutlass", "triton"),
 }
 FLAGS = ("model.tie_embeddings", "parallel.overlap", "parallel.zero1", "train.fp8", "train.fp8_dispatch",
          "train.profile_trace", "checkpoint.enabled")

@@ -45,3 +45,7 @@ def test_an_fp8_backend_this_device_cannot_run_is_refused_at_the_start(tmp_path)
     with pytest.raises(ValueError, match=r"train.fp8_backend='cutlass,torch': no FP8 GEMM backend of 'cutlass,torch' "
                                          r"can run the dense GEMM on cpu: cutlass: the CUTLASS GEMMs need CUDA"):
         Trainer(cfg)
+    cfg = tiny(tmp_path / "wgrad", train=dict(steps=1, fp8=True, fp8_wgrad_backend="cutlass"))
+    with pytest.raises(ValueError, match=r"train.fp8_wgrad_backend='cutlass': wgrad_backend='cutlass' cannot run on "
+                                         r"cpu: the CUTLASS GEMMs need CUDA"):
+        Trainer(cfg)
