@@ -15,6 +15,7 @@ wall time of issuing one step on an idle GPU (synchronised before), median of th
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -107,39 +108,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _skewed_counts(experts: int, tokens: int, seed: int = 0) -> list[int]:
+    """Per-expert token counts, multiples of 128 summing to ``tokens``, skewed as a trained router's are:
+    weights ``1 / rank^0.8`` in a shuffled order, a few experts without tokens."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 0.8
+    weights[torch.randperm(experts, generator=g)[: max(1, experts // 16)]] = 0.0
+    weights = weights[torch.randperm(experts, generator=g)]
+    share = weights / weights.sum() * (tokens // 128)
+    blocks = share.floor().long()
+    left = tokens // 128 - int(blocks.sum())  # the rounding remainder, to the largest fractions
+    blocks[torch.argsort(share - blocks, descending=True)[:left]] += 1
+    return [128 * int(b) for b in blocks]
+
+
 def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
-    """The weight gradient of 64 experts' gate/up projection (2816 x 2048) over 98,304 tokens, 1,536 per expert:
-    the Triton kernel's configurations and the CUTLASS k-grouped kernel against torch's BF16 grouped GEMM
-    grouped along the tokens."""
+    """The weight gradients of 64 experts over 98,304 tokens (V2-Lite's gate/up projection 2816 x 2048 and
+    down projection 2048 x 1408), with 1,536 tokens per expert and with skewed counts: the Triton kernel's
+    configurations and the CUTLASS k-grouped kernel against torch's BF16 grouped GEMM grouped along the
+    tokens."""
+    from dualflow.fp8 import cutlass
     from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
     from dualflow.fp8.quant import quantize_128x1
 
-    experts, n, m, per = 64, 2816, 2048, 1536
-    tokens = experts * per
-    dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
-    x = torch.randn(tokens, m, device=dev, dtype=torch.bfloat16)
-    offsets = torch.arange(experts + 1, device=dev, dtype=torch.int32) * per
-    (gt, gs), (xt, xs) = quantize_128x1(dy), quantize_128x1(x)
-    out = torch.empty(experts, n, m, device=dev, dtype=torch.float32)
-    fns = {"bf16 grouped_mm": lambda: torch._grouped_mm(dy.t(), x, offs=offsets[1:])}
-    for bn, bm, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3),
-                                  (256, 128, 8, 3), (64, 128, 4, 4)]:
-        cfg = dict(block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
-        fns[f"fp8 {bn}x{bm} w{warps} s{stages}"] = (lambda c=cfg: kgrouped_wgrad(gt, gs, xt, xs, offsets, out, **c))
-    from dualflow.fp8 import cutlass
-
-    fns["fp8 cutlass kgrouped_wgrad_128x128"] = lambda: cutlass.kgrouped_wgrad(gt, gs, xt, xs, offsets)
-    for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
-        try:
-            fns[name]()
-        except Exception as exc:
-            print(f"fp8_layers: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            del fns[name]
-    table = Table(["kernel", "ms", "TFLOPS"], title=f"token-grouped weight gradient: {experts} experts, {n}x{m}, "
-                                                   f"{per} tokens each")
-    flops = 2.0 * n * m * tokens
-    for name, t in time_fns(fns, warmup=2, repeat=repeat, device=dev).items():
-        table.add(kernel=name, ms=1e3 * t.median, TFLOPS=flops / t.median / 1e12)
+    experts, tokens = 64, 98304
+    table = Table(["case", "kernel", "ms", "TFLOPS"], title=f"token-grouped weight gradient: {experts} experts, "
+                                                           f"{tokens} tokens")
+    for (n, m), skewed in itertools.product(((2816, 2048), (2048, 1408)), (False, True)):
+        counts = _skewed_counts(experts, tokens) if skewed else [tokens // experts] * experts
+        case = f"{n}x{m}, {'skewed' if skewed else 'uniform'} (max {max(counts)}, {counts.count(0)} empty)"
+        dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(tokens, m, device=dev, dtype=torch.bfloat16)
+        offsets = torch.tensor([0, *itertools.accumulate(counts)], device=dev, dtype=torch.int32)
+        (gt, gs), (xt, xs) = quantize_128x1(dy), quantize_128x1(x)
+        out = torch.empty(experts, n, m, device=dev, dtype=torch.float32)
+        fns = {"bf16 grouped_mm": lambda dy=dy, x=x, o=offsets: torch._grouped_mm(dy.t(), x, offs=o[1:])}
+        for bn, bm, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3),
+                                      (256, 128, 8, 3), (64, 128, 4, 4)]:
+            cfg = dict(block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
+            fns[f"fp8 {bn}x{bm} w{warps} s{stages}"] = (
+                lambda c=cfg, a=(gt, gs, xt, xs, offsets, out): kgrouped_wgrad(*a, **c))
+        fns["fp8 cutlass kgrouped_wgrad_128x128"] = lambda a=(gt, gs, xt, xs, offsets): cutlass.kgrouped_wgrad(*a)
+        for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
+            try:
+                fns[name]()
+            except Exception as exc:
+                print(f"fp8_layers: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+                del fns[name]
+        flops = 2.0 * n * m * tokens
+        for name, t in time_fns(fns, warmup=2, repeat=repeat, device=dev).items():
+            table.add(case=case, kernel=name, ms=1e3 * t.median, TFLOPS=flops / t.median / 1e12)
+        del dy, x, gt, xt, out
     table.print()
     return 0
 
