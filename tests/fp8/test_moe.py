@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from dualflow.fp8 import BackendUnavailable, Fp8Recipe, dequantize, fp8_grouped_mlp
-from dualflow.fp8.moe import grouped_mlp_reference, grouped_wgrad, swiglu_backward_quantize, wgrad_backend, swiglu_quantize
 from dualflow.fp8.gemm import AUTO_CUDA
+from dualflow.fp8.moe import (
+    grouped_mlp_reference,
+    grouped_wgrad,
+    swiglu_backward_quantize,
+    swiglu_quantize,
+    wgrad_backend,
+)
 from dualflow.fp8.quant import quantize_128x1
 
 REFERENCE = Fp8Recipe(backend="reference", quant_backend="reference")
@@ -154,7 +160,7 @@ def test_grouped_wgrad_kernel_follows_the_recipe(monkeypatch):
         assert wgrad_backend(recipe(backend=spec), "cpu") == "triton"
         torch.testing.assert_close(grouped_wgrad(a, a, offsets, recipe(backend=spec), fused=True), want,
                                    rtol=1e-5, atol=1e-4)
-    with pytest.raises(BackendUnavailable, match="wgrad_backend='cutlass' cannot run on cpu: .*CUDA"):
+    with pytest.raises(BackendUnavailable, match=r"wgrad_backend='cutlass' cannot run on cpu: .*CUDA"):
         grouped_wgrad(a, a, offsets, recipe(wgrad_backend="cutlass"), fused=True)
     # where CUTLASS can run, "auto" takes it when the GEMM order names cutlass first; a name always wins
     real = moe.available_backends
