@@ -28,6 +28,7 @@ from dualflow.fp8.quant import (
     quantize_1x128_and_128x1,
     quantize_128x1,
     quantize_128x128,
+    quantize_128x128_transposed,
 )
 from dualflow.fp8.recipe import Fp8Recipe
 
@@ -56,5 +57,6 @@ __all__ = [
     "quantize_1x128_and_128x1",
     "quantize_128x1",
     "quantize_128x128",
+    "quantize_128x128_transposed",
     "resolve_backend",
 ]

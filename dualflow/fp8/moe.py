@@ -153,17 +153,20 @@ def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs:
 
 class _Fp8GroupedMLPFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors):
+    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors, backward: bool, dgrad: bool):
+        # a backward will run (w2's transpose is needed), and x's gradient will be asked for (w13's too)
         from dualflow.fp8.nn import _Fp8Weight, quantize_weight
 
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         if caches is not None:
-            w13_8, w2_8 = caches[0].get(w13, recipe), caches[1].get(w2, recipe)
+            w13_8, w2_8 = caches[0].get(w13, recipe, transposed=dgrad), caches[1].get(w2, recipe, transposed=backward)
             weights = ()
-        else:  # traced by torch.compile: quantized in the graph, saved for the backward like activations
-            w13_8, w2_8 = _Fp8Weight(*quantize_weight(w13, recipe)), _Fp8Weight(*quantize_weight(w2, recipe))
-            weights = (w13_8.q, w13_8.scales, w2_8.q, w2_8.scales)
+        else:  # traced by torch.compile: quantized in the graph with the transposes the backward needs from
+            # the same pass; those are saved for the backward like activations
+            w13_8 = _Fp8Weight(*quantize_weight(w13, recipe, transposed=dgrad))
+            w2_8 = _Fp8Weight(*quantize_weight(w2, recipe, transposed=backward))
+            weights = (*(w2_8.transposed() if backward else ()), *(w13_8.transposed() if dgrad else ()))
         (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
         h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
                              backend=recipe.backend, errors=errors)
@@ -177,30 +180,28 @@ class _Fp8GroupedMLPFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from dualflow.fp8.nn import _Fp8Weight
-
         h, xtq, xts, atq, ats, offsets, *weights = ctx.saved_tensors
         recipe = ctx.recipe
         if ctx.weights is not None:
             w13_8, w2_8 = ctx.weights
-        else:
-            w13_8, w2_8 = _Fp8Weight(*weights[:2]), _Fp8Weight(*weights[2:])
+            (w2tq, w2ts), w13_t = w2_8.transposed(), None
+        else:  # traced: the transposed weights the forward saved, w2's, then w13's if x needs a gradient
+            (w2tq, w2ts), w13_t = weights[:2], weights[2:]
         (gq, gs), gt = quantize_1x128_and_128x1(dy.contiguous(), pow2_scales=recipe.pow2_scales,
                                                 backend=recipe.quant_backend)
-        w2tq, w2ts = w2_8.transposed()
         da = fp8_grouped_gemm(gq, gs, w2tq, w2ts, group_offsets=offsets, out_dtype=torch.bfloat16,
                               backend=recipe.backend, errors=ctx.errors)
         dw2 = grouped_wgrad(gt, (atq, ats), offsets, recipe) if ctx.needs_input_grad[2] else None
         (dhq, dhs), dht = swiglu_backward_quantize(h, da, recipe, end=offsets[-1:])
         dx = dw13 = None
         if ctx.needs_input_grad[0]:
-            w13tq, w13ts = w13_8.transposed()
+            w13tq, w13ts = w13_8.transposed() if w13_t is None else w13_t
             dx = fp8_grouped_gemm(dhq, dhs, w13tq, w13ts, group_offsets=offsets,
                                   out_dtype=ctx.x_dtype if ctx.x_dtype != torch.float64 else torch.float32,
                                   backend=recipe.backend, errors=ctx.errors)
         if ctx.needs_input_grad[1]:
             dw13 = grouped_wgrad(dht, (xtq, xts), offsets, recipe)
-        return dx, dw13, dw2, None, None, None, None
+        return dx, dw13, dw2, None, None, None, None, None, None
 
 
 def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
@@ -233,7 +234,9 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
         caches = None
     else:
         caches = caches or (Fp8WeightCache(), Fp8WeightCache())
-    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors)
+    grad = torch.is_grad_enabled()
+    backward = grad and (x.requires_grad or w13.requires_grad or w2.requires_grad)
+    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors, backward, grad and x.requires_grad)
 
 
 def grouped_mlp_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

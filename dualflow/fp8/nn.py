@@ -40,6 +40,7 @@ from dualflow.fp8.quant import (
     quantize_1x128_and_128x1,
     quantize_128x1,
     quantize_128x128,
+    quantize_128x128_transposed,
     resolve_quant_backend,
 )
 from dualflow.fp8.recipe import Fp8Recipe
@@ -48,11 +49,13 @@ _GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class _Fp8Weight:
-    """One FP8 quantization of a weight ([out, in] or [G, out, in]), with its transpose made on demand."""
+    """One FP8 quantization of a weight ([out, in] or [G, out, in]) and of its transpose: the one the
+    quantizer wrote in the same pass, or else one made from it on demand."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, qt: torch.Tensor | None = None,
+                 scales_t: torch.Tensor | None = None) -> None:
         self.q, self.scales = q, scales
-        self._t: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._t: tuple[torch.Tensor, torch.Tensor] | None = (qt, scales_t) if qt is not None else None
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         # 128x128 blocks of W.T are the blocks of W transposed: same scales, same bytes
@@ -83,22 +86,29 @@ class _OptimizerSteps:
         cls.count += 1
 
 
-def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe, transposed: bool = False) -> tuple[torch.Tensor, ...]:
     """128x128 blocks of ``weight`` ([out, in] or stacked experts [G, out, in]; a block never spans two
-    experts): what :class:`Fp8WeightCache` keeps, and what a traced layer computes at every call."""
+    experts): ``(q, scales)``, and with ``transposed`` also ``(qt, scales_t)`` of ``weight.T`` (of each
+    expert's) written by the same pass, the input gradient's operand. What :class:`Fp8WeightCache` keeps,
+    and what a traced layer computes at every call."""
     # autocast off: it has no rule for stacking FP8 tensors (and nothing here should be recast)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach()
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
         if w.dim() == 2:
-            return quantize_128x128(w, **kw)
-        if w.shape[1] % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
-            experts, rows, cols = w.shape
-            q, s = quantize_128x128(w.reshape(experts * rows, cols), **kw)
-            return q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+            return quantize_128x128_transposed(w, **kw) if transposed else quantize_128x128(w, **kw)
+        experts, rows, cols = w.shape
+        if rows % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
+            flat = w.reshape(experts * rows, cols)
+            if not transposed or experts == 0:  # (no experts: the transpose is made on demand, of nothing)
+                q, s = quantize_128x128(flat, **kw)
+                return q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+            q, s, qt, st = quantize_128x128_transposed(flat, groups=experts, **kw)
+            return (q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1), qt.view(experts, cols, rows),
+                    st.view(experts, st.shape[0] // experts, st.shape[1]))
         # ragged rows: experts one by one, so that a block never spans two of them
-        parts = [quantize_128x128(w[g], **kw) for g in range(w.shape[0])]
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        parts = [quantize_weight(w[g], recipe, transposed) for g in range(experts)]
+        return tuple(torch.stack(p) for p in zip(*parts))
 
 
 class Fp8WeightCache:
@@ -109,11 +119,13 @@ class Fp8WeightCache:
         self._entry: _Fp8Weight | None = None
         self.builds = 0  # how many times a quantization was made (what the tests and users can check)
 
-    def get(self, weight: torch.Tensor, recipe: Fp8Recipe) -> _Fp8Weight:
+    def get(self, weight: torch.Tensor, recipe: Fp8Recipe, transposed: bool = False) -> _Fp8Weight:
+        """The FP8 weight; ``transposed``: its transpose will be wanted too (written by the same pass when
+        the copy is made now; an entry made without it makes it from ``q`` on demand)."""
         key = (weight._version, _OptimizerSteps.current(), weight.data_ptr(), weight.device, weight.dtype,
                tuple(weight.shape), recipe.pow2_scales, recipe.quant_backend)
         if key != self._key:
-            self._entry, self._key = _Fp8Weight(*quantize_weight(weight, recipe)), key
+            self._entry, self._key = _Fp8Weight(*quantize_weight(weight, recipe, transposed)), key
             self.builds += 1
         return self._entry
 
@@ -195,22 +207,27 @@ class _Fp8LinearFn(torch.autograd.Function):
     the planned path does not take: empty, an unusual dtype), through the public functions, which check
     every argument. Traced by ``torch.compile`` (``cache`` None): the weight is quantized inside the graph
     at every call (the cache's Python state, keyed on version counters and optimizer steps, cannot be
-    traced) and every kernel is a ``torch.ops.dualflow`` operator. ``out_dtype`` None: worked out after the
-    input is quantized (whose checks speak first)."""
+    traced), with its transpose from the same pass when the input gradient needs it, and every kernel is
+    a ``torch.ops.dualflow`` operator. ``out_dtype`` None: worked out after the input is quantized (whose
+    checks speak first). ``wgrad``/``dgrad``: the weight's and the input's gradients will be asked for."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan | None,
-                out_dtype: torch.dtype | None, wgrad: bool, layer: str | None):
+                out_dtype: torch.dtype | None, wgrad: bool, dgrad: bool, layer: str | None):
         pow2 = recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1])
         # the 128x1 layout of x is only needed for the weight gradient
         xq, xs, xtq, xts = _quantize(x2, wgrad, recipe, plan)
         out_dtype = out_dtype or _out_dtype(x)
+        w_t = ()
         if cache is not None:
-            w8 = cache.get(weight, recipe)
+            w8 = cache.get(weight, recipe, transposed=dgrad)
             wq, ws = w8.q, w8.scales
             # the FP8 weight is owned by the cache for the whole step: held here, not saved as an activation
             ctx.w8 = w8
+        elif dgrad:  # the transpose for the input gradient from the same pass; only it is saved
+            wq, ws, *w_t = torch.ops.dualflow.quantize_128x128_t(weight.detach(), pow2, plan.quant, 1)
+            ctx.w8 = None
         else:
             wq, ws = torch.ops.dualflow.quantize_128x128(weight.detach(), pow2, plan.quant)
             ctx.w8 = None
@@ -218,7 +235,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out.dtype)
         saved = (xtq, xts) if wgrad else ()
-        ctx.save_for_backward(*saved, *((wq, ws) if cache is None else ()))
+        ctx.save_for_backward(*saved, *w_t)
         ctx.recipe, ctx.plan, ctx.layer, ctx.x_shape, ctx.x_dtype = recipe, (recipe, plan), layer, x.shape, x.dtype
         ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -250,13 +267,13 @@ class _Fp8LinearFn(torch.autograd.Function):
         if need_dx:
             if ctx.w8 is not None:
                 wtq, wts = ctx.w8.transposed()
-            else:  # traced: the weight's quantization is the last pair saved
-                wtq, wts = _Fp8Weight(*saved[-2:]).transposed()
+            else:  # traced: the transposed weight's quantization is the last pair saved
+                wtq, wts = saved[-2:]
             dx = _gemm(gq, gs, wtq, wts, _grad_dtype_of(ctx.x_dtype), False, recipe, plan)
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -300,18 +317,20 @@ class Fp8Linear(nn.Linear):
             raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
+        dgrad = torch.is_grad_enabled() and x.requires_grad
         if torch.compiler.is_compiling():
             # traced: no weight cache (see _Fp8LinearFn); the checks the planless (checking) path makes at every call
             # are made once here, while tracing, on the input's dtype (the shapes were checked above)
             plan = _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
-            return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, None)
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, dgrad,
+                                      None)
         # an input the planned kernels do not take goes through the public functions (plan None), whose checks
         # name what is wrong
         planned = x.numel() > 0 and x.dtype in _GEMM_DTYPES and self.weight.dtype in _GEMM_DTYPES
         plan = self._plan(x.device) if planned else None
         try:
             return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, plan,
-                                      _out_dtype(x) if planned else None, wgrad, self.describe())
+                                      _out_dtype(x) if planned else None, wgrad, dgrad, self.describe())
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(self.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
                             exc) from exc
@@ -344,7 +363,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
                 bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
                 saved = tuple(t for lo, hi in bounds for t in quantize_128x1(x[lo:hi], **kw))
         # traced by torch.compile (no cache): the weight quantized in the graph, saved like an activation
-        w8 = cache.get(weight, recipe) if cache is not None else _Fp8Weight(*quantize_weight(weight, recipe))
+        w8 = (cache.get(weight, recipe, transposed=ctx.needs_input_grad[0]) if cache is not None
+              else _Fp8Weight(*quantize_weight(weight, recipe)))
         ctx.save_for_backward(*saved, *((w8.q, w8.scales) if cache is None else ()))
         out = fp8_grouped_gemm(xq, xs, w8.q, w8.scales, group_offsets=offsets, out_dtype=_out_dtype(x),
                                backend=recipe.backend)

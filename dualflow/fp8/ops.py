@@ -10,6 +10,7 @@ operator                           returns
 =================================  ======================================================================
 ``quantize_1x128``                 ``q [R, C]``, ``s [R, C/128]``
 ``quantize_128x128``               ``q [R, C]``, ``s [R/128, C/128]``
+``quantize_128x128_t``             ``q, s`` and per row group ``qt [G*C, R/G]``, ``st [G*C/128, R/G/128]``
 ``quantize_128x1``                 ``qt [C, R]``, ``st [C, R/128]``
 ``quantize_1x128_and_128x1``       ``q, s, qt, st``
 ``fp8_gemm``                       ``a @ b.T`` ``[M, N]`` in ``out_dtype``
@@ -40,7 +41,7 @@ import torch
 
 from dualflow.fp8.gemm import run_dense, run_dense_first, run_grouped
 from dualflow.fp8.moe import run_grouped_wgrad, run_swiglu_backward_quantize, run_swiglu_quantize
-from dualflow.fp8.quant import BLOCK, FP8_DTYPE, empty_scales, run_quantizer
+from dualflow.fp8.quant import BLOCK, FP8_DTYPE, empty_scales, run_quantize_128x128_transposed, run_quantizer
 
 # the registration of the namespace: made once, when this module is first imported (dualflow.fp8 imports it)
 _LIB = torch.library.Library("dualflow", "DEF")
@@ -84,6 +85,17 @@ def _q128x128_fake(x, pow2_scales, backend):
     return _fp8(x, rows, cols), empty_scales(_cdiv(rows), _cdiv(cols), x.device)
 
 
+def _q128x128_t(x, pow2_scales, backend, groups):
+    return run_quantize_128x128_transposed(x, pow2_scales, backend, groups)
+
+
+def _q128x128_t_fake(x, pow2_scales, backend, groups):
+    rows, cols = x.shape
+    group_rows = rows // groups
+    return (*_q128x128_fake(x, pow2_scales, backend), _fp8(x, groups * cols, group_rows),
+            empty_scales(groups * _cdiv(cols), _cdiv(group_rows), x.device))
+
+
 def _q128x1(x, pow2_scales, backend, m_major_scales):
     _, _, qt, st = run_quantizer(x, False, True, False, pow2_scales, backend, m_major_scales)
     return qt, st
@@ -107,6 +119,8 @@ _QUANT_ARGS = "bool pow2_scales, str backend"
 _def(f"quantize_1x128(Tensor x, {_QUANT_ARGS}, bool m_major_scales) -> (Tensor, Tensor)",
      _q1x128, _q1x128_fake)
 _def(f"quantize_128x128(Tensor x, {_QUANT_ARGS}) -> (Tensor, Tensor)", _q128x128, _q128x128_fake)
+_def(f"quantize_128x128_t(Tensor x, {_QUANT_ARGS}, int groups) -> (Tensor, Tensor, Tensor, Tensor)",
+     _q128x128_t, _q128x128_t_fake)
 _def(f"quantize_128x1(Tensor x, {_QUANT_ARGS}, bool m_major_scales) -> (Tensor, Tensor)",
      _q128x1, _q128x1_fake)
 _def(f"quantize_1x128_and_128x1(Tensor x, {_QUANT_ARGS}, bool m_major_scales) "

@@ -17,6 +17,9 @@ Layouts (the contract every GEMM backend reads):
 - :func:`quantize_128x1` ``x[R, C]`` -> ``(qt[C, R], scales[C, ceil(R/128)])``: tiles run along the rows
   of ``x`` and the result is the operand of the weight-gradient GEMM, ``x.T`` quantized 1x128.
 - :func:`quantize_1x128_and_128x1` reads ``x`` once and returns both of the above.
+- :func:`quantize_128x128_transposed` ``w[R, C]`` -> ``(q, scales)`` as :func:`quantize_128x128` and the
+  same blocks transposed, ``(qt[C, R], scales_t[ceil(C/128), ceil(R/128)])``, per group of rows for
+  stacked expert weights: the weight's operand of the input-gradient GEMM from the same pass.
 
 All FP8 tensors are contiguous row-major ``torch.float8_e4m3fn``; all scales contiguous row-major FP32,
 unless ``m_major_scales=True`` asks for the 1x128 scales (of ``x`` and of ``x.T``) with strides
@@ -133,6 +136,44 @@ def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool
     return q, s, qt, st
 
 
+def check_transposed_groups(rows: int, groups: int) -> int:
+    """Rows per group of :func:`quantize_128x128_transposed` (``ValueError`` if ``rows`` do not split into
+    ``groups`` groups of a multiple of 128 rows; one group may have any number)."""
+    if groups < 1 or rows % groups or (groups > 1 and (rows // groups) % BLOCK):
+        raise ValueError(f"groups={groups}: {rows} rows do not split into that many groups of a multiple of "
+                         f"{BLOCK} rows (one group may have any number)")
+    return rows // groups
+
+
+def transposed_blocks(q: torch.Tensor, scales: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 128x128 quantization ``(q [R, C], scales)`` transposed group by group: ``qt [G*C, R/G]`` with
+    ``qt[g*C + c, i] = q[g*R/G + i, c]`` and ``scales_t`` likewise (the blocks of ``W.T`` are those of ``W``
+    transposed: same bytes, same scales). What the kernel writes in the same pass; the reference."""
+    rows, cols = q.shape
+    group_rows = check_transposed_groups(rows, groups)
+    group_blocks, col_blocks = math.ceil(group_rows / BLOCK), scales.shape[1]
+    # clone, not contiguous(): where the transpose is already contiguous (a size-1 or empty dimension) the
+    # outputs must still not share storage
+    qt = q.view(groups, group_rows, cols).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    st = scales.reshape(groups, group_blocks, col_blocks).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    return qt.view(groups * cols, group_rows), st.view(groups * col_blocks, group_blocks)
+
+
+def run_quantize_128x128_transposed(x: torch.Tensor, pow2_scales: bool, backend: str,
+                                    groups: int) -> tuple[torch.Tensor, ...]:
+    """``(q, scales, qt, scales_t)`` of :func:`quantize_128x128_transposed`, unvalidated: the implementation
+    behind its operator."""
+    if backend not in ("reference", "triton"):
+        backend = resolve_quant_backend(backend, x.device)
+    if backend == "triton":
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        return _triton(x, rowwise=False, colwise=False, blockwise=True, pow2_scales=pow2_scales,
+                       transposed_groups=groups)
+    q, s = _reference(x, BLOCK, pow2_scales)
+    return (q, s, *transposed_blocks(q, s, groups))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
@@ -206,6 +247,21 @@ def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, check: bool 
     if check:
         _check_finite(s, lambda i, j: _tile(i, j, BLOCK))
     return q, s
+
+
+def quantize_128x128_transposed(w: torch.Tensor, *, groups: int = 1, pow2_scales: bool = False,
+                                check: bool = False, backend: QuantBackend = "auto") -> tuple[torch.Tensor, ...]:
+    """128x128 blocks of ``w[R, C]`` and of each of its ``groups`` row groups transposed, from one pass:
+    ``(q[R, C], scales[ceil(R/128), ceil(C/128)], qt[G*C, R/G], scales_t[G*ceil(C/128), ceil(R/G/128)])``
+    with ``qt[g*C + c, i] = q[g*R/G + i, c]``. For stacked expert weights ``[G, out, in]`` flattened to
+    ``[G*out, in]`` (``out`` a multiple of 128), ``qt`` is ``[G, in, out]`` flattened: each expert's
+    ``W.T``, the operand of the input-gradient GEMM, without a transposing copy."""
+    _validate(w, "quantize_128x128_transposed")
+    check_transposed_groups(w.shape[0], groups)
+    q, s, qt, st = _ops().quantize_128x128_t(w, pow2_scales, _resolve(backend, w), groups)
+    if check:
+        _check_finite(s, lambda i, j: _tile(i, j, BLOCK))
+    return q, s, qt, st
 
 
 def quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False, check: bool = False,

@@ -158,7 +158,7 @@ def test_lean_eager_path_equals_the_validated_path():
     xx = x.detach().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     # no plan: every quantizer and GEMM through the public, checking functions
-    y = _Fp8LinearFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, None, None, True, "layer")
+    y = _Fp8LinearFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, None, None, True, True, "layer")
     y.backward(dy)
     for w, g in zip(want, [y, xx.grad, layer.weight.grad, layer.bias.grad]):
         _same(w, g)

@@ -263,3 +263,19 @@ def test_errors_name_the_layer_and_the_shapes():
     with pytest.raises(RuntimeError, match=r"^Fp8Linear \(in 128, out 256\), backward of an output gradient of shape "
                                            r"\(4, 3, 256\)"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256)], ids=["dense", "stacked", "ragged_rows"])
+def test_quantize_weight_writes_each_experts_transpose(shape):
+    from dualflow.fp8.nn import _Fp8Weight, quantize_weight
+
+    recipe = Fp8Recipe(quant_backend="reference")
+    w = torch.randn(*shape)
+    q, s = quantize_weight(w, recipe)
+    with_t = quantize_weight(w, recipe, transposed=True)
+    assert len(with_t) == 4
+    assert torch.equal(with_t[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(with_t[1], s)
+    made = _Fp8Weight(q, s).transposed()  # the transposing copy it replaces
+    for got, want in zip(with_t[2:], made):
+        assert got.shape == want.shape and torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got,
+                                                       want.view(torch.uint8) if want.dtype != torch.float32 else want)

@@ -69,6 +69,7 @@ def test_quantizer_operators_reference(rows, cols, kind, m_major):
     _opcheck(ops.quantize_128x1.default, (x, not pow2, "reference", m_major))
     _opcheck(ops.quantize_1x128_and_128x1.default, (x, pow2, "reference", m_major))
     _opcheck(ops.quantize_128x128.default, (x, pow2, "reference"))
+    _opcheck(ops.quantize_128x128_t.default, (x, pow2, "reference", 2 if rows == 256 else 1))
 
 
 @pytest.mark.parametrize("rows,cols", [(130, 200), (1, 128)])
@@ -78,6 +79,8 @@ def test_quantizer_operators_triton_interpreted(rows, cols):
     _opcheck(ops.quantize_1x128.default, (x, False, "triton", False))
     _opcheck(ops.quantize_128x1.default, (x, False, "triton", True))
     _opcheck(ops.quantize_128x128.default, (x, False, "triton"))
+    _opcheck(ops.quantize_128x128_t.default, (x, False, "triton", 1))
+    _opcheck(ops.quantize_128x128_t.default, (_x(384, cols, "nonfinite"), True, "triton", 3))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

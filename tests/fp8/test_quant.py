@@ -191,3 +191,28 @@ def test_auto_backend_is_the_reference_on_cpu():
     from dualflow.fp8.quant import _resolve
 
     assert _resolve("auto", torch.ones(1, 1)) == "reference"
+
+
+@pytest.mark.parametrize(("rows", "cols", "groups"), [(300, 200, 1), (256, 384, 2), (384, 130, 3), (0, 256, 1)])
+def test_128x128_with_its_transpose_is_each_groups_transpose(rows, cols, groups):
+    from dualflow.fp8 import quantize_128x128_transposed
+
+    w = torch.randn(rows, cols) * 3
+    q, s, qt, st = quantize_128x128_transposed(w, groups=groups, backend="reference")
+    q_want, s_want = quantize_128x128(w, backend="reference")
+    assert torch.equal(q.view(torch.uint8), q_want.view(torch.uint8)) and torch.equal(s, s_want)
+    group_rows, col_blocks = rows // groups, s.shape[1]
+    assert qt.shape == (groups * cols, group_rows) and st.shape == (groups * col_blocks, -(-group_rows // 128))
+    for g in range(groups):  # plain slicing and .t(): what the blocks of each group's W.T are
+        rows_g = slice(g * group_rows, (g + 1) * group_rows)
+        assert torch.equal(qt[g * cols:(g + 1) * cols].view(torch.uint8), q[rows_g].t().view(torch.uint8))
+        blocks_g = slice(g * group_rows // 128, (g + 1) * group_rows // 128) if groups > 1 else slice(None)
+        assert torch.equal(st[g * col_blocks:(g + 1) * col_blocks], s[blocks_g].t())
+
+
+@pytest.mark.parametrize(("rows", "groups"), [(300, 2), (256, 3), (200, 2), (256, 0)])
+def test_128x128_with_its_transpose_refuses_groups_that_do_not_split_the_rows(rows, groups):
+    from dualflow.fp8 import quantize_128x128_transposed
+
+    with pytest.raises(ValueError, match=f"groups={groups}: {rows} rows do not split"):
+        quantize_128x128_transposed(torch.randn(rows, 128), groups=groups)

@@ -98,3 +98,15 @@ def test_launch_settings_a_layout_cannot_take_are_refused(modes, tiles, match):
     with pytest.raises(ValueError, match=match):
         quantize(torch.randn(256, 256), rowwise=modes[0], colwise=modes[1], blockwise=modes[2], pow2_scales=False,
                  tile_r=tiles[0], tile_c=tiles[1])
+
+
+@pytest.mark.parametrize(("rows", "cols", "groups"), [(300, 200, 1), (256, 384, 2), (384, 130, 3), (1, 5, 1)])
+@pytest.mark.parametrize("kind", ["normal", "nonfinite", "at_clamp"])
+def test_128x128_with_its_transpose_per_group_is_bit_exact(rows, cols, groups, kind):
+    from dualflow.fp8 import quantize_128x128_transposed
+
+    w = adversarial(rows, cols, kind, seed=13)
+    got = quantize_128x128_transposed(w, groups=groups, backend="triton")
+    want = quantize_128x128_transposed(w, groups=groups, backend="reference")
+    for g, r in zip(got, want):
+        (assert_same_scales if g.dtype == torch.float32 else assert_same_fp8)(g, r)

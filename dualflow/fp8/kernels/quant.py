@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, empty_scales
+from dualflow.fp8.quant import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, check_transposed_groups, empty_scales
 
 _FLOOR_BITS = tl.constexpr(int(torch.tensor(AMAX_FLOOR, dtype=torch.float32).view(torch.int32)))
 _MAX = tl.constexpr(FP8_MAX)
@@ -53,8 +53,9 @@ def _to_fp8(y):
 def _quant_kernel(x_ptr, R, C, sxr, sxc,
                   q_ptr, s_ptr, sqr, ssr, ssc,
                   qt_ptr, st_ptr, sqtr, sstr, sstc,
+                  GROUP_ROWS,
                   ROWWISE: tl.constexpr, COLWISE: tl.constexpr, BLOCKWISE: tl.constexpr, POW2: tl.constexpr,
-                  TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+                  TILE_R: tl.constexpr, TILE_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # A program covers TILE_R x TILE_C of x. Every scale group must lie inside one program: 1x128 needs
     # TILE_C == 128, 128x1 needs TILE_R == 128 (its columns may be split), 128x128 both.
     pid_r = tl.program_id(0)
@@ -86,6 +87,15 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
         q = _to_fp8(x * tl.math.div_rn(1.0, scale))
         tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
         tl.store(s_ptr + pid_r * ssr + pid_c * ssc, scale)
+        if BLOCK_T:  # and each group's transpose: rows [g*GROUP_ROWS, (g+1)*GROUP_ROWS) -> qt[g*C:(g+1)*C]
+            group = (pid_r * TILE_R) // GROUP_ROWS
+            in_group = rows64 - group.to(tl.int64) * GROUP_ROWS
+            qt_rows = group.to(tl.int64) * C + cols64
+            tl.store(qt_ptr + qt_rows[:, None] * GROUP_ROWS + in_group[None, :], tl.trans(q),
+                     mask=in_c[:, None] & in_r[None, :])
+            group_blocks = tl.cdiv(GROUP_ROWS, TILE_R)
+            tl.store(st_ptr + (group * tl.cdiv(C, TILE_C) + pid_c) * group_blocks + pid_r - group * group_blocks,
+                     scale)
 
 
 def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
@@ -107,8 +117,14 @@ def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
              tile_r: int | None = None, tile_c: int | None = None, num_warps: int | None = None,
-             m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
+             m_major: bool = False, transposed_groups: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
+
+    ``transposed_groups`` (128x128 layout only) also writes the transposed quantization of each of that
+    many equal groups of rows: ``qt [G*C, R/G]`` with ``qt[g*C + c, i] = q[g*R/G + i, c]`` and ``scales_t
+    [G*ceil(C/128), ceil(R/G/128)]`` likewise (the 128x128 blocks of ``W.T`` are those of ``W``
+    transposed: the input gradient's operand, written by the same pass). ``R/G`` must be a multiple of 128
+    when ``G > 1``.
 
     ``tile_r`` and ``tile_c`` (rows and columns per program: 128 unless the 1x128 layout is alone, which
     takes any power of two of rows, or the 128x1 layout is alone, which takes any power of two of columns)
@@ -117,6 +133,10 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
     torch's block-scaled matmul reads, which saves a copy kernel per GEMM operand
     (:func:`dualflow.fp8.quant.empty_scales`).
     """
+    if transposed_groups is not None:
+        if not blockwise or rowwise or colwise:
+            raise ValueError("transposed_groups goes with the 128x128 layout alone")
+        check_transposed_groups(x.shape[0], transposed_groups)
     default_r, default_c, default_warps = launch_settings(rowwise or blockwise, colwise)
     tile_r, tile_c, num_warps = tile_r or default_r, tile_c or default_c, num_warps or default_warps
     if tile_c != BLOCK and (rowwise or blockwise):
@@ -132,6 +152,11 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
     if colwise:
         qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
         st = empty_scales(cols, rb, x.device, m_major)
+    group_rows = rows
+    if transposed_groups is not None:
+        group_rows = rows // transposed_groups
+        qt = torch.empty(transposed_groups * cols, group_rows, dtype=FP8_DTYPE, device=x.device)
+        st = empty_scales(transposed_groups * cb, triton.cdiv(group_rows, BLOCK), x.device)
     if x.numel() == 0:
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
@@ -140,8 +165,9 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         x, rows, cols, x.stride(0), x.stride(1),
         first, first_s, cols, first_s.stride(0), first_s.stride(1),
         qt if qt is not None else first, st if st is not None else first_s, rows,
-        st.stride(0) if st is not None else 0, st.stride(1) if st is not None else 0,
+        st.stride(0) if st is not None else 0, st.stride(1) if st is not None else 0, max(group_rows, 1),
         ROWWISE=rowwise, COLWISE=colwise, BLOCKWISE=blockwise, POW2=pow2_scales, TILE_R=tile_r, TILE_C=tile_c,
+        BLOCK_T=transposed_groups is not None,
         num_warps=num_warps,
     )
     return q, s, qt, st
