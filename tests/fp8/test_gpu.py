@@ -57,6 +57,18 @@ def test_triton_quantizers_match_the_cpu_reference_bit_for_bit(fn, kind, pow2):
             assert_same_fp8(qg.cpu(), qw)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("rows", "cols", "groups"), [(1000, 1300, 1), (3 * 256, 1300, 3), (64 * 128, 2048, 64)])
+def test_128x128_with_its_transpose_matches_the_cpu_reference_bit_for_bit(rows, cols, groups, kind):
+    from dualflow.fp8 import quantize_128x128_transposed
+
+    w = adversarial(rows, cols, kind, dtype=torch.float32, seed=4)
+    want = quantize_128x128_transposed(w, groups=groups, backend="reference")
+    got = quantize_128x128_transposed(w.to(CUDA), groups=groups, backend="triton")
+    for g, r in zip(got, want):
+        (assert_same_scales if g.dtype == torch.float32 else assert_same_fp8)(g.cpu(), r)
+
+
 def test_auto_picks_triton_for_cuda_tensors():
     x = torch.randn(256, 512, device=CUDA)
     from dualflow.fp8.quant import _resolve
