@@ -18,7 +18,15 @@ from dualflow.fp8.gemm import (
 )
 from dualflow.fp8.groups import Fp8ErrorFlag
 from dualflow.fp8.moe import fp8_grouped_mlp
-from dualflow.fp8.nn import Fp8GroupedLinear, Fp8Linear, Fp8WeightCache, invalidate_fp8_caches
+from dualflow.fp8.nn import (
+    Fp8GroupedLinear,
+    Fp8Linear,
+    Fp8WeightCache,
+    Fp8WeightSnapshot,
+    enable_fp8_snapshots,
+    invalidate_fp8_caches,
+    refresh_fp8_snapshots,
+)
 from dualflow.fp8.quant import (
     BLOCK,
     FP8_DTYPE,
@@ -46,9 +54,11 @@ __all__ = [
     "Fp8Linear",
     "Fp8Recipe",
     "Fp8WeightCache",
+    "Fp8WeightSnapshot",
     "available_backends",
     "convert_to_fp8",
     "dequantize",
+    "enable_fp8_snapshots",
     "fp8_gemm",
     "fp8_grouped_gemm",
     "fp8_grouped_mlp",
@@ -58,5 +68,6 @@ __all__ = [
     "quantize_128x1",
     "quantize_128x128",
     "quantize_128x128_transposed",
+    "refresh_fp8_snapshots",
     "resolve_backend",
 ]

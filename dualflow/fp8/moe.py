@@ -153,7 +153,7 @@ def run_grouped_wgrad(aq: torch.Tensor, as_: torch.Tensor, bq: torch.Tensor, bs:
 
 class _Fp8GroupedMLPFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors, backward: bool, dgrad: bool):
+    def forward(ctx, x, w13, w2, offsets, recipe: Fp8Recipe, caches, errors, backward: bool, dgrad: bool, fp8):
         # a backward will run (w2's transpose is needed), and x's gradient will be asked for (w13's too)
         from dualflow.fp8.nn import _Fp8Weight, quantize_weight
 
@@ -162,10 +162,14 @@ class _Fp8GroupedMLPFn(torch.autograd.Function):
         if caches is not None:
             w13_8, w2_8 = caches[0].get(w13, recipe, transposed=dgrad), caches[1].get(w2, recipe, transposed=backward)
             weights = ()
-        else:  # traced by torch.compile: quantized in the graph with the transposes the backward needs from
-            # the same pass; those are saved for the backward like activations
-            w13_8 = _Fp8Weight(*quantize_weight(w13, recipe, transposed=dgrad))
-            w2_8 = _Fp8Weight(*quantize_weight(w2, recipe, transposed=backward))
+        else:  # traced by torch.compile: the snapshots' FP8 weights (fp8: w13's four tensors, w2's four), or
+            # quantized in the graph with the transposes the backward needs from the same pass; the
+            # transposes are saved for the backward like activations
+            if fp8 is not None:
+                w13_8, w2_8 = _Fp8Weight(*fp8[:4]), _Fp8Weight(*fp8[4:])
+            else:
+                w13_8 = _Fp8Weight(*quantize_weight(w13, recipe, transposed=dgrad))
+                w2_8 = _Fp8Weight(*quantize_weight(w2, recipe, transposed=backward))
             weights = (*(w2_8.transposed() if backward else ()), *(w13_8.transposed() if dgrad else ()))
         (xq, xs), xt = quantize_1x128_and_128x1(x, **kw)
         h = fp8_grouped_gemm(xq, xs, w13_8.q, w13_8.scales, group_offsets=offsets, out_dtype=torch.bfloat16,
@@ -201,16 +205,19 @@ class _Fp8GroupedMLPFn(torch.autograd.Function):
                                   backend=recipe.backend, errors=ctx.errors)
         if ctx.needs_input_grad[1]:
             dw13 = grouped_wgrad(dht, (xtq, xts), offsets, recipe)
-        return dx, dw13, dw2, None, None, None, None, None, None
+        return dx, dw13, dw2, None, None, None, None, None, None, None
 
 
 def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
-                    recipe: Fp8Recipe | None = None, caches=None, errors: Fp8ErrorFlag | None = None) -> torch.Tensor:
+                    recipe: Fp8Recipe | None = None, caches=None, errors: Fp8ErrorFlag | None = None,
+                    snapshots=None) -> torch.Tensor:
     """The SwiGLU experts of the module docstring, forward and backward in FP8.
 
     ``caches`` is a pair of :class:`~dualflow.fp8.Fp8WeightCache` (for ``w13`` and ``w2``) that keeps the
-    weights' FP8 copies between calls; without it they are quantized on every call, as they are (caches
-    or not) while ``torch.compile`` traces it. ``errors``: where the
+    weights' FP8 copies between eager calls; without it they are quantized on every call. While
+    ``torch.compile`` traces it the caches are not read: ``snapshots``, a pair of
+    :class:`~dualflow.fp8.nn.Fp8WeightSnapshot` of ``w13`` and ``w2`` kept fresh by the caller, gives the
+    weights' FP8 copies instead, else they are quantized in the graph at every call. ``errors``: where the
     grouped GEMMs record malformed device ``offsets`` without a host synchronisation (see
     :func:`dualflow.fp8.fp8_grouped_gemm`); without one, device offsets are read back and checked per GEMM.
     """
@@ -230,13 +237,17 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offset
     if offsets.shape != (experts + 1,) or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"offsets must be int32/int64 of shape ({experts + 1},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
+    fp8 = None
     if torch.compiler.is_compiling():  # the caches' Python state cannot be traced: see Fp8Linear
         caches = None
+        if snapshots is not None:
+            fp8 = (*snapshots[0].tensors, *snapshots[1].tensors)
     else:
         caches = caches or (Fp8WeightCache(), Fp8WeightCache())
     grad = torch.is_grad_enabled()
     backward = grad and (x.requires_grad or w13.requires_grad or w2.requires_grad)
-    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors, backward, grad and x.requires_grad)
+    return _Fp8GroupedMLPFn.apply(x, w13, w2, offsets, recipe, caches, errors, backward, grad and x.requires_grad,
+                                  fp8)
 
 
 def grouped_mlp_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,81 @@ class Fp8WeightCache:
         self._key = self._entry = None
 
 
+class Fp8WeightSnapshot:
+    """A weight's FP8 copy and its transpose's (:func:`quantize_weight` with ``transposed``) in storage
+    that stays put: :meth:`refresh` rewrites it in place.
+
+    What a compiled FP8 layer reads instead of quantizing its weight at every call (traced code cannot
+    consult :class:`Fp8WeightCache`'s keys, and a CUDA graph replays fixed addresses), so that the
+    micro-batches of a step share one quantization, as eager calls share the cache's. Whoever changes the
+    weight refreshes the snapshot before the next compiled call (the trainer: before every step, see
+    :func:`enable_fp8_snapshots`); eager calls never read it.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+        self.refreshes = 0  # how many times it was written (what the tests and users can check)
+
+    def refresh(self, weight: torch.Tensor, recipe: Fp8Recipe) -> None:
+        """Quantize ``weight`` into the snapshot. Its storage is made once and then rewritten in place (a
+        CUDA graph that read it reads the new values): by the Triton kernel directly, by the reference
+        through a copy. Only a weight of another shape or device gets new storage."""
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            w = weight.detach()
+            if self.tensors is None or not self._fits(w):
+                self.tensors = quantize_weight(w, recipe, transposed=True)
+            elif resolve_quant_backend(recipe.quant_backend, w.device) == "triton":
+                self._write(w, recipe)
+            else:
+                for mine, fresh in zip(self.tensors, quantize_weight(w, recipe, transposed=True)):
+                    mine.copy_(fresh)
+        self.refreshes += 1
+
+    def _fits(self, w: torch.Tensor) -> bool:
+        q, _, qt, _ = self.tensors
+        return q.shape == w.shape and q.device == w.device and qt.shape == (*w.shape[:-2], w.shape[-1], w.shape[-2])
+
+    def _write(self, w: torch.Tensor, recipe: Fp8Recipe) -> None:
+        from dualflow.fp8.kernels.quant import quantize as _triton
+
+        q, s, qt, st = self.tensors
+        if w.dim() == 2:
+            pieces = [(w, 1, (q, s, qt, st))]
+        elif w.shape[1] % BLOCK == 0:  # the stacked experts' one launch, as quantize_weight makes it
+            g, rows, cols = w.shape
+            pieces = [(w.reshape(g * rows, cols), g, (q.view(g * rows, cols), s.view(-1, s.shape[-1]),
+                                                     qt.view(g * cols, rows), st.view(-1, st.shape[-1])))]
+        else:
+            pieces = [(w[g], 1, (q[g], s[g], qt[g], st[g])) for g in range(w.shape[0])]
+        for x, groups, out in pieces:
+            _triton(x, rowwise=False, colwise=False, blockwise=True, pow2_scales=recipe.pow2_scales,
+                    transposed_groups=groups, out=out)
+
+
+def enable_fp8_snapshots(model: nn.Module) -> int:
+    """Give every FP8 module of ``model`` (one with an ``enable_fp8_snapshot()`` method: :class:`Fp8Linear`,
+    MoE experts holding stacked weights) :class:`Fp8WeightSnapshot` storage for its compiled calls, and
+    fill it; returns how many. From then on :func:`refresh_fp8_snapshots` must run after every change of
+    the weights and before the next compiled call, or those calls compute with the old weights."""
+    count = 0
+    for module in model.modules():
+        enable = getattr(module, "enable_fp8_snapshot", None)
+        if callable(enable) and enable():
+            count += 1
+    refresh_fp8_snapshots(model)
+    return count
+
+
+def refresh_fp8_snapshots(model: nn.Module) -> int:
+    """Rewrite every FP8 weight snapshot of ``model`` from the current weights; returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "fp8_snapshot", None) is not None:
+            module.refresh_fp8_snapshot()
+            count += 1
+    return count
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -213,7 +288,8 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan | None,
-                out_dtype: torch.dtype | None, wgrad: bool, dgrad: bool, layer: str | None):
+                out_dtype: torch.dtype | None, wgrad: bool, dgrad: bool, layer: str | None,
+                snapshot: tuple[torch.Tensor, ...] | None):
         pow2 = recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1])
         # the 128x1 layout of x is only needed for the weight gradient
@@ -225,6 +301,10 @@ class _Fp8LinearFn(torch.autograd.Function):
             wq, ws = w8.q, w8.scales
             # the FP8 weight is owned by the cache for the whole step: held here, not saved as an activation
             ctx.w8 = w8
+        elif snapshot is not None:  # traced, the step's quantization (Fp8WeightSnapshot)
+            wq, ws, *w_t = snapshot
+            w_t = w_t if dgrad else ()
+            ctx.w8 = None
         elif dgrad:  # the transpose for the input gradient from the same pass; only it is saved
             wq, ws, *w_t = torch.ops.dualflow.quantize_128x128_t(weight.detach(), pow2, plan.quant, 1)
             ctx.w8 = None
@@ -273,7 +353,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -291,6 +371,7 @@ class Fp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = recipe or Fp8Recipe()
         self.fp8_cache = Fp8WeightCache()
+        self.fp8_snapshot: Fp8WeightSnapshot | None = None  # read by compiled calls (enable_fp8_snapshots)
         self.fp8_name = ""  # the qualified name in its model, set by convert_to_fp8 (for error messages)
         self._fp8_plan: tuple[tuple, _Plan] | None = None
 
@@ -312,6 +393,13 @@ class Fp8Linear(nn.Linear):
     def invalidate_fp8_cache(self) -> None:
         self.fp8_cache.invalidate()
 
+    def enable_fp8_snapshot(self) -> bool:
+        self.fp8_snapshot = Fp8WeightSnapshot()
+        return True
+
+    def refresh_fp8_snapshot(self) -> None:
+        self.fp8_snapshot.refresh(self.weight, self.recipe)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
@@ -322,15 +410,16 @@ class Fp8Linear(nn.Linear):
             # traced: no weight cache (see _Fp8LinearFn); the checks the planless (checking) path makes at every call
             # are made once here, while tracing, on the input's dtype (the shapes were checked above)
             plan = _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
+            snapshot = self.fp8_snapshot.tensors if self.fp8_snapshot is not None else None
             return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, dgrad,
-                                      None)
+                                      None, snapshot)
         # an input the planned kernels do not take goes through the public functions (plan None), whose checks
         # name what is wrong
         planned = x.numel() > 0 and x.dtype in _GEMM_DTYPES and self.weight.dtype in _GEMM_DTYPES
         plan = self._plan(x.device) if planned else None
         try:
             return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, plan,
-                                      _out_dtype(x) if planned else None, wgrad, dgrad, self.describe())
+                                      _out_dtype(x) if planned else None, wgrad, dgrad, self.describe(), None)
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(self.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
                             exc) from exc

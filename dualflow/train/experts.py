@@ -178,6 +178,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
         self.fp8_recipe: Any = None  # a dualflow.fp8.Fp8Recipe: the expert GEMMs run in FP8
         self._fp8_caches: Any = None
+        self.fp8_snapshot: Any = None  # dualflow.fp8.nn.Fp8WeightSnapshot pair for compiled calls
         self._fp8_errors: Any = None  # a dualflow.fp8.Fp8ErrorFlag on the experts' device
         self._register_load_state_dict_pre_hook(self._stack_on_load)
 
@@ -229,7 +230,7 @@ class GroupedExperts(nn.Module):
         if self._fp8_errors is None or self._fp8_errors.device != permuted.device:
             self._fp8_errors = Fp8ErrorFlag(permuted.device)
         return fp8_grouped_mlp(permuted, self.w13, self.w2, plan.offsets, self.fp8_recipe, self._fp8_caches,
-                               self._fp8_errors)
+                               self._fp8_errors, self.fp8_snapshot)
 
     def check_fp8_errors(self) -> None:
         """Raise if a grouped GEMM recorded malformed expert offsets (reads a device flag: synchronises).
@@ -241,6 +242,20 @@ class GroupedExperts(nn.Module):
 
     def invalidate_fp8_cache(self) -> None:
         self._fp8_caches = None
+
+    def enable_fp8_snapshot(self) -> bool:
+        """FP8 weight snapshots for compiled calls, one per stacked weight (FP8 experts only; see
+        :func:`dualflow.fp8.nn.enable_fp8_snapshots`)."""
+        from dualflow.fp8.nn import Fp8WeightSnapshot
+
+        if self.fp8_recipe is None:
+            return False
+        self.fp8_snapshot = (Fp8WeightSnapshot(), Fp8WeightSnapshot())
+        return True
+
+    def refresh_fp8_snapshot(self) -> None:
+        self.fp8_snapshot[0].refresh(self.w13, self.fp8_recipe)
+        self.fp8_snapshot[1].refresh(self.w2, self.fp8_recipe)
 
     # -------------------------------------------------------------------------------- state dict
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

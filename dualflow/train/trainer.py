@@ -114,6 +114,17 @@ class Trainer:
         self.fp8_report = self._setup_fp8() if run.fp8 else None
         self._setup_exchange()
         self.compile_report = self._setup_compile()
+        # compiled FP8 layers read their weights' FP8 copies from snapshots made once per optimizer step
+        # (refreshed by _weights_changed), not quantized again for every micro-batch
+        self.fp8_snapshots = run.fp8 and any(getattr(s, "compiler", None) is not None for s in self.stages)
+        if self.fp8_snapshots:
+            from dualflow.fp8.nn import enable_fp8_snapshots
+
+            for stage in self.stages:
+                enable_fp8_snapshots(stage)
+            if par.dp > 1:  # expert-parallel experts run eagerly (their row counts change): no snapshot to keep
+                for experts in self.fp8_experts:
+                    experts.fp8_snapshot = None
         self.engine = engine or self._build_engine()
         self.params = named_parameters(self.stages)
         # Each distinct parameter enters the gradient norm once: a DualPipe rank's second module is
@@ -313,13 +324,18 @@ class Trainer:
         return total / count
 
     def _weights_changed(self) -> None:
-        """Drop the FP8 copies of the weights. The optimizer's in-place update already invalidates them; a
-        ZeRO-1 broadcast or a checkpoint load writes through other views, so say it explicitly."""
+        """Drop the FP8 copies of the weights and rewrite the compiled layers' snapshots. The optimizer's
+        in-place update already invalidates the copies; a ZeRO-1 broadcast or a checkpoint load writes
+        through other views, so say it explicitly. The snapshots are refreshed here, after every change,
+        and are read by compiled phases only."""
         if self.cfg.train.fp8:
             from dualflow.fp8 import invalidate_fp8_caches
+            from dualflow.fp8.nn import refresh_fp8_snapshots
 
             for stage in self.stages:
                 invalidate_fp8_caches(stage)
+                if getattr(self, "fp8_snapshots", False):
+                    refresh_fp8_snapshots(stage)
 
     def _check_finite(self, local_loss: float, loss: float) -> None:
         if math.isfinite(loss):

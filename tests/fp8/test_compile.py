@@ -158,10 +158,61 @@ def test_lean_eager_path_equals_the_validated_path():
     xx = x.detach().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     # no plan: every quantizer and GEMM through the public, checking functions
-    y = _Fp8LinearFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, None, None, True, True, "layer")
+    y = _Fp8LinearFn.apply(xx, layer.weight, layer.bias, layer.fp8_cache, layer.recipe, None, None, True, True, "layer",
+                           None)
     y.backward(dy)
     for w, g in zip(want, [y, xx.grad, layer.weight.grad, layer.bias.grad]):
         _same(w, g)
     with pytest.raises(TypeError, match=r"^Fp8Linear \(in 256, out 128\), forward of an input of shape \(4, 256\) "
                                         r"\(torch.float64\): quantize_1x128_and_128x1 expects float32"):
         layer(torch.randn(4, 256, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("quant_backend", ["reference", "triton"])
+def test_compiled_layer_reads_its_snapshot_which_refreshes_in_place(quant_backend):
+    import torch._dynamo.testing
+
+    from dualflow.fp8.nn import enable_fp8_snapshots, refresh_fp8_snapshots
+
+    recipe = Fp8Recipe(backend="reference", quant_backend=quant_backend)
+    torch.manual_seed(0)
+    layer, eager = Fp8Linear(256, 128, recipe=recipe), Fp8Linear(256, 128, recipe=recipe)
+    eager.load_state_dict(layer.state_dict())
+    assert enable_fp8_snapshots(layer) == 1 and layer.fp8_snapshot.refreshes == 1
+    storage = [t.data_ptr() for t in layer.fp8_snapshot.tensors]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (layer, eager)]
+    for step in range(3):
+        x = torch.randn(200, 256)
+        want, got = _linear_step(eager, x, torch.ones(200, 128)), _linear_step(compiled, x, torch.ones(200, 128))
+        for w, g in zip(want, got):
+            _same(w, g)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step < 2:
+            refresh_fp8_snapshots(layer)  # the weights changed: the contract is to refresh before the next call
+    assert counter.frame_count == 1 and layer.fp8_snapshot.refreshes == 3
+    assert [t.data_ptr() for t in layer.fp8_snapshot.tensors] == storage  # what a CUDA graph replays
+    # not refreshed after the last update: the compiled layer still computes with the previous weights
+    x = torch.randn(200, 256)
+    assert not torch.equal(compiled(x), eager(x))
+    refresh_fp8_snapshots(layer)
+    _same(eager(x), compiled(x))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256)], ids=["dense", "stacked", "ragged_rows"])
+def test_snapshot_refresh_rewrites_the_same_storage(shape):
+    from dualflow.fp8.nn import Fp8WeightSnapshot, quantize_weight
+
+    recipe = Fp8Recipe(quant_backend="triton")
+    w = torch.randn(*shape)
+    snap = Fp8WeightSnapshot()
+    snap.refresh(w, recipe)
+    storage = [t.data_ptr() for t in snap.tensors]
+    w.mul_(3.0).add_(1.0)
+    snap.refresh(w, recipe)
+    assert [t.data_ptr() for t in snap.tensors] == storage
+    for got, want in zip(snap.tensors, quantize_weight(w, Fp8Recipe(quant_backend="reference"), transposed=True)):
+        _same(want, got)

@@ -44,14 +44,15 @@ def _quantizer() -> dict:
     from dualflow.fp8.kernels import quant
 
     order = ["x_ptr", "R", "C", "sxr", "sxc", "q_ptr", "s_ptr", "sqr", "ssr", "ssc", "qt_ptr", "st_ptr", "sqtr",
-             "sstr", "sstc"]
+             "sstr", "sstc", "GROUP_ROWS"]
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32"}
     hinted = ["x_ptr", "q_ptr", "qt_ptr", "R", "C", "sxr"]
     report = {}
     for name, flags in (
-        ("fused", {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True, "TILE_R": 128, "TILE_C": 128}),
+        ("fused", {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True, "TILE_R": 128, "TILE_C": 128,
+                   "BLOCK_T": False}),
         ("blockwise", {"ROWWISE": False, "COLWISE": False, "BLOCKWISE": True, "POW2": True, "TILE_R": 128,
-                       "TILE_C": 128}),
+                       "TILE_C": 128, "BLOCK_T": True}),  # with the transposed copy
     ):
         signature = {n: ptrs.get(n, "i32") for n in order} | {k: "constexpr" for k in flags}
         ptx = _compile(quant._quant_kernel, signature, flags, hinted, num_warps=4).asm["ptx"]

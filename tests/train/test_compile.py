@@ -95,33 +95,37 @@ def test_overlapped_step_over_compiled_phases_equals_plain_autograd_bitwise():
 
 def test_fp8_phases_compile_and_match_eager():
     from dualflow.fp8 import Fp8Recipe, convert_to_fp8
+    from dualflow.fp8.nn import enable_fp8_snapshots
 
     cfg = dataclasses.replace(CFG, dim=128)
     g = torch.Generator().manual_seed(5)
     x, labels = torch.randint(0, 256, (2, 64), generator=g), torch.randint(0, 256, (2, 64), generator=g)
     results = []
-    for compiled in (False, True):
+    for compiled, snapshots in ((False, False), (True, False), (True, True)):
         stage = Stage(cfg, range(cfg.n_layers), first=True, last=True)
         stage.init_weights(0)
         convert_to_fp8(stage)
         for layer in stage.layers.values():
             if layer.moe is not None:
                 layer.moe.experts.enable_fp8(Fp8Recipe())
+        if snapshots:  # the weights' FP8 copies made once, outside the graph (what the trainer does)
+            assert enable_fp8_snapshots(stage) > 0
         if compiled:
             stage.compiler = PhaseCompiler(backend="aot_eager")
         results.append(_step(stage, x, labels))
     assert set(stage.compiler.compiled_names()) == _phase_names(cfg)[0] - {"L1.mlp", "L2.mlp"} or \
         set(stage.compiler.compiled_names()) == _phase_names(cfg)[0]
-    (out_a, g_a, _), (out_b, g_b, _) = results
+    (out_a, g_a, _), (out_b, g_b, _), (out_c, g_c, _) = results
     # float32 compute: the compiled forward quantizes the weights in the graph to the same FP8 values the
     # eager caches hold and runs the same kernels: bitwise. The backward's attention kernel differs by
     # ulps (see _close); where such a difference moves a gradient element across an FP8 rounding
     # boundary it changes by one FP8 step, at most 2^-3 of that element, and such moves are rare: the
     # gradients stay within 2^-4 of each tensor's largest value (measured 0.3%).
-    assert torch.equal(out_a, out_b)
-    assert g_a.keys() == g_b.keys()
+    assert torch.equal(out_a, out_b) and torch.equal(out_a, out_c)
+    assert g_a.keys() == g_b.keys() == g_c.keys()
     for name in g_a:
-        assert (g_a[name] - g_b[name]).abs().max() <= 2.0 ** -4 * g_a[name].abs().max(), name
+        for g in (g_b, g_c):
+            assert (g_a[name] - g[name]).abs().max() <= 2.0 ** -4 * g_a[name].abs().max(), name
 
 
 def _failing_backend(gm, example_inputs):

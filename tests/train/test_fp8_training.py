@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dualflow.train.trainer import Trainer
 from tests.train.helpers import tiny
@@ -49,3 +50,26 @@ def test_an_fp8_backend_this_device_cannot_run_is_refused_at_the_start(tmp_path)
     with pytest.raises(ValueError, match=r"train.fp8_wgrad_backend='cutlass': wgrad_backend='cutlass' cannot run on "
                                          r"cpu: the CUTLASS GEMMs need CUDA"):
         Trainer(cfg)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_compiled_fp8_training_keeps_its_weight_snapshots_fresh(tmp_path):
+    from dualflow.fp8 import Fp8Linear
+    from dualflow.fp8.nn import quantize_weight
+
+    cfg = tiny(tmp_path / "run", train=dict(steps=2, val_every=2, fp8=True, compile="on"),
+               parallel=dict(microbatches=2))
+    trainer = Trainer(cfg)
+    assert trainer.fp8_snapshots
+    trainer.train_step()
+    trainer.train_step()
+    layers = [m for stage in trainer.stages for m in stage.modules() if isinstance(m, Fp8Linear)]
+    experts = [e for e in trainer.fp8_experts if e.fp8_snapshot is not None]
+    assert layers and experts
+    pairs = [(m.weight, m.recipe, m.fp8_snapshot) for m in layers]
+    pairs += [(w, e.fp8_recipe, snap) for e in experts for w, snap in zip((e.w13, e.w2), e.fp8_snapshot)]
+    for weight, recipe, snapshot in pairs:  # refreshed after the last optimizer step: the current weights'
+        assert snapshot.refreshes == 3  # made, then one refresh per step
+        for got, want in zip(snapshot.tensors, quantize_weight(weight, recipe, transposed=True)):
+            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got,
+                               want.view(torch.uint8) if want.dtype != torch.float32 else want)

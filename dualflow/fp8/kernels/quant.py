@@ -98,6 +98,10 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
                      scale)
 
 
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}"
+
+
 def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
     """(rows per program, columns per program, warps) measured fastest on an H100 (``fp8_quant.py --sweep``,
     RESULTS.md).
@@ -117,14 +121,16 @@ def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
              tile_r: int | None = None, tile_c: int | None = None, num_warps: int | None = None,
-             m_major: bool = False, transposed_groups: int | None = None) -> tuple[torch.Tensor | None, ...]:
+             m_major: bool = False, transposed_groups: int | None = None,
+             out: tuple[torch.Tensor | None, ...] | None = None) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
     ``transposed_groups`` (128x128 layout only) also writes the transposed quantization of each of that
     many equal groups of rows: ``qt [G*C, R/G]`` with ``qt[g*C + c, i] = q[g*R/G + i, c]`` and ``scales_t
     [G*ceil(C/128), ceil(R/G/128)]`` likewise (the 128x128 blocks of ``W.T`` are those of ``W``
     transposed: the input gradient's operand, written by the same pass). ``R/G`` must be a multiple of 128
-    when ``G > 1``.
+    when ``G > 1``. ``out``: the four outputs' storage, written in place (``None`` for a layout not asked
+    for; shapes, dtypes and strides as this function would allocate them).
 
     ``tile_r`` and ``tile_c`` (rows and columns per program: 128 unless the 1x128 layout is alone, which
     takes any power of two of rows, or the 128x1 layout is alone, which takes any power of two of columns)
@@ -157,6 +163,14 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         group_rows = rows // transposed_groups
         qt = torch.empty(transposed_groups * cols, group_rows, dtype=FP8_DTYPE, device=x.device)
         st = empty_scales(transposed_groups * cb, triton.cdiv(group_rows, BLOCK), x.device)
+    if out is not None:
+        for name, mine, given in zip(("q", "scales", "qt", "scales_t"), (q, s, qt, st), out):
+            if (mine is None) != (given is None) or (mine is not None and (
+                    given.shape != mine.shape or given.dtype != mine.dtype or given.stride() != mine.stride()
+                    or given.device != mine.device)):
+                raise ValueError(f"out: {name} must be {'None' if mine is None else _describe(mine)}, got "
+                                 f"{'None' if given is None else _describe(given)}")
+        q, s, qt, st = out
     if x.numel() == 0:
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
