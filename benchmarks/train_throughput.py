@@ -16,7 +16,8 @@ invocation. Variants run one after the other: on a GPU compare them within one i
   same without compiling the compute phases (``train.compile = off``);  ``fp8-cutlass``: ``fp8`` with the
   CUTLASS GEMMs first (``train.fp8_backend = "cutlass,torch"``: the experts' weight gradients on the
   k-grouped CUTLASS kernel, cuBLAS where CUTLASS does not run a shape);  ``fp8-cutlass-wgrad``: ``fp8``
-  with only the experts' weight gradients on that CUTLASS kernel (``train.fp8_wgrad_backend = "cutlass"``).
+  with only the experts' weight gradients on that CUTLASS kernel (``train.fp8_wgrad_backend = "cutlass"``);
+  ``fp8-snapshots``: ``fp8`` with the weights quantized once a step (``train.fp8_weight_snapshots``).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -61,6 +62,7 @@ VARIANTS = {
     "fp8-nocompile": ["--train.fp8=true", "--train.compile=off"],
     "fp8-cutlass": ["--train.fp8=true", "--train.fp8_backend=cutlass,torch"],
     "fp8-cutlass-wgrad": ["--train.fp8=true", "--train.fp8_wgrad_backend=cutlass"],
+    "fp8-snapshots": ["--train.fp8=true", "--train.fp8_weight_snapshots=true"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }

@@ -12,9 +12,10 @@ eight identical layers compile once.
   expert-parallel rank receive a different number of rows at every step, so that phase stays eager.
 - Only phases run with gradients are compiled; validation (``torch.no_grad``) runs the eager functions
   rather than compiling a second, inference-only version of every phase for a few batches.
-- FP8 layers trace through their custom operators; compiled, they read their weights' FP8 copies from
-  snapshots the trainer rewrites after every optimizer step (``dualflow.fp8.nn.Fp8WeightSnapshot``), so
-  a step's micro-batches share one quantization, as eager calls share the weight caches'.
+- FP8 layers trace through their custom operators; compiled, they quantize their weights inside the
+  graph at every call, or (``train.fp8_weight_snapshots``) read their FP8 copies from snapshots the
+  trainer rewrites after every optimizer step (``dualflow.fp8.nn.Fp8WeightSnapshot``), so that a step's
+  micro-batches share one quantization, as eager calls share the weight caches'.
 - A phase whose compilation fails stays eager for the rest of the run; one line is logged per distinct
   failure (torch 2.11-2.13 cannot trace the float32 grouped GEMM of the experts, for one). A real error
   of the phase itself is raised again by the eager run.

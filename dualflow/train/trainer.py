@@ -114,9 +114,10 @@ class Trainer:
         self.fp8_report = self._setup_fp8() if run.fp8 else None
         self._setup_exchange()
         self.compile_report = self._setup_compile()
-        # compiled FP8 layers read their weights' FP8 copies from snapshots made once per optimizer step
-        # (refreshed by _weights_changed), not quantized again for every micro-batch
-        self.fp8_snapshots = run.fp8 and any(getattr(s, "compiler", None) is not None for s in self.stages)
+        # train.fp8_weight_snapshots: compiled FP8 layers read their weights' FP8 copies from snapshots made
+        # once per optimizer step (refreshed by _weights_changed), not quantized again for every micro-batch
+        self.fp8_snapshots = run.fp8 and run.fp8_weight_snapshots and any(
+            getattr(s, "compiler", None) is not None for s in self.stages)
         if self.fp8_snapshots:
             from dualflow.fp8.nn import enable_fp8_snapshots
 

@@ -63,7 +63,7 @@ CHOICES = {
     "train.compile": ("auto", "on", "off"), "train.fp8_wgrad_backend": ("auto", "cutlass", "triton"),
 }
 FLAGS = ("model.tie_embeddings", "parallel.overlap", "parallel.zero1", "train.fp8", "train.fp8_dispatch",
-         "train.profile_trace", "checkpoint.enabled")
+         "train.profile_trace", "checkpoint.enabled", "train.fp8_weight_snapshots")
 TEXT = ("data.paths", "data.val_paths", "data.tokenizer", "data.eos_token", "train.run_dir", "checkpoint.dir",
         "train.fp8_backend")
 

@@ -57,7 +57,9 @@ def test_compiled_fp8_training_keeps_its_weight_snapshots_fresh(tmp_path):
     from dualflow.fp8 import Fp8Linear
     from dualflow.fp8.nn import quantize_weight
 
-    cfg = tiny(tmp_path / "run", train=dict(steps=2, val_every=2, fp8=True, compile="on"),
+    off = Trainer(tiny(tmp_path / "off", train=dict(steps=1, fp8=True, compile="on")))
+    assert not off.fp8_snapshots  # opt-in (train.fp8_weight_snapshots) until measured on a GPU
+    cfg = tiny(tmp_path / "run", train=dict(steps=2, val_every=2, fp8=True, compile="on", fp8_weight_snapshots=True),
                parallel=dict(microbatches=2))
     trainer = Trainer(cfg)
     assert trainer.fp8_snapshots
