@@ -100,12 +100,16 @@ def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe, transposed: bool = 
         experts, rows, cols = w.shape
         if rows % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
             flat = w.reshape(experts * rows, cols)
-            if not transposed or experts == 0:  # (no experts: the transpose is made on demand, of nothing)
+            if not transposed or experts == 0:
                 q, s = quantize_128x128(flat, **kw)
-                return q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1)
+                q, s = q.view(experts, rows, cols), s.view(experts, rows // BLOCK, s.shape[-1])
+                if not transposed:
+                    return q, s
+                # no experts: no row groups to split, and nothing to transpose
+                return q, s, q.new_empty(0, cols, rows), s.new_empty(0, s.shape[2], s.shape[1])
             q, s, qt, st = quantize_128x128_transposed(flat, groups=experts, **kw)
-            return (q.view(experts, rows, cols), s.view(experts, rows // BLOCK, -1), qt.view(experts, cols, rows),
-                    st.view(experts, st.shape[0] // experts, st.shape[1]))
+            return (q.view(experts, rows, cols), s.view(experts, rows // BLOCK, s.shape[-1]),
+                    qt.view(experts, cols, rows), st.view(experts, st.shape[0] // experts, st.shape[1]))
         # ragged rows: experts one by one, so that a block never spans two of them
         parts = [quantize_weight(w[g], recipe, transposed) for g in range(experts)]
         return tuple(torch.stack(p) for p in zip(*parts))
@@ -140,8 +144,9 @@ class Fp8WeightSnapshot:
     What a compiled FP8 layer reads instead of quantizing its weight at every call (traced code cannot
     consult :class:`Fp8WeightCache`'s keys, and a CUDA graph replays fixed addresses), so that the
     micro-batches of a step share one quantization, as eager calls share the cache's. Whoever changes the
-    weight refreshes the snapshot before the next compiled call (the trainer: before every step, see
-    :func:`enable_fp8_snapshots`); eager calls never read it.
+    weight refreshes the snapshot before the next compiled call (the trainer: after every optimizer step
+    and checkpoint load, under ``train.fp8_weight_snapshots``; see :func:`enable_fp8_snapshots`); eager
+    calls never read it.
     """
 
     def __init__(self) -> None:
@@ -171,6 +176,8 @@ class Fp8WeightSnapshot:
         from dualflow.fp8.kernels.quant import quantize as _triton
 
         q, s, qt, st = self.tensors
+        if w.numel() == 0:  # nothing to write (and no row groups to split)
+            return
         if w.dim() == 2:
             pieces = [(w, 1, (q, s, qt, st))]
         elif w.shape[1] % BLOCK == 0:  # the stacked experts' one launch, as quantize_weight makes it

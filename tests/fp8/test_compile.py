@@ -202,7 +202,8 @@ def test_compiled_layer_reads_its_snapshot_which_refreshes_in_place(quant_backen
     _same(eager(x), compiled(x))
 
 
-@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256)], ids=["dense", "stacked", "ragged_rows"])
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256), (0, 256, 384)],
+                         ids=["dense", "stacked", "ragged_rows", "no_experts"])
 def test_snapshot_refresh_rewrites_the_same_storage(shape):
     from dualflow.fp8.nn import Fp8WeightSnapshot, quantize_weight
 

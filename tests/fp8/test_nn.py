@@ -265,7 +265,8 @@ def test_errors_name_the_layer_and_the_shapes():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256)], ids=["dense", "stacked", "ragged_rows"])
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256), (0, 256, 384)],
+                         ids=["dense", "stacked", "ragged_rows", "no_experts"])
 def test_quantize_weight_writes_each_experts_transpose(shape):
     from dualflow.fp8.nn import _Fp8Weight, quantize_weight
 
