@@ -99,14 +99,17 @@ def wgrad_backend(recipe: Fp8Recipe, device: torch.device | str) -> str:
     ``fp8-cutlass-wgrad`` variant measures the two in one invocation.
     """
     device = torch.device(device)
-    if recipe.wgrad_backend == "triton":
+    wanted = recipe.wgrad_backend
+    if wanted == "auto":  # asked at every call: the availability only where the order makes it matter
+        wanted = "cutlass" if backend_names(recipe.backend, device)[0] == "cutlass" else "triton"
+    if wanted == "triton":
         return "triton"
     why_not = available_backends(device, "contiguous")["cutlass"]
-    if recipe.wgrad_backend == "cutlass":
-        if why_not is not None:
-            raise BackendUnavailable(f"wgrad_backend='cutlass' cannot run on {device}: {why_not}")
+    if why_not is None:
         return "cutlass"
-    return "cutlass" if why_not is None and backend_names(recipe.backend, device)[0] == "cutlass" else "triton"
+    if recipe.wgrad_backend == "auto":
+        return "triton"
+    raise BackendUnavailable(f"wgrad_backend='cutlass' cannot run on {device}: {why_not}")
 
 
 def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8Recipe,

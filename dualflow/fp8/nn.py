@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -86,6 +86,23 @@ class _OptimizerSteps:
         cls.count += 1
 
 
+def _split(w: torch.Tensor) -> tuple[bool, int]:
+    """How the quantizer takes weight ``w``: ``(stacked, groups)``. A matrix is one piece of one row group.
+    Stacked experts whose rows fill whole 128-row blocks (or no experts) are one matrix of all their rows,
+    one row group per expert, so that no 128x128 block spans two experts: one launch. Other stacks go
+    expert by expert."""
+    stacked = w.dim() == 3 and (w.shape[1] % BLOCK == 0 or w.shape[0] == 0)
+    return stacked, max(w.shape[0], 1) if stacked else 1
+
+
+def _pieces(t: torch.Tensor, stacked: bool) -> list[torch.Tensor]:
+    """The 2-D pieces of a weight, or of one of its FP8 outputs, as :func:`_split` says the quantizer takes
+    them (views where ``t`` is contiguous)."""
+    if t.dim() == 2:
+        return [t]
+    return [t.reshape(-1, t.shape[-1])] if stacked else list(t.unbind(0))
+
+
 def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe, transposed: bool = False) -> tuple[torch.Tensor, ...]:
     """128x128 blocks of ``weight`` ([out, in] or stacked experts [G, out, in]; a block never spans two
     experts): ``(q, scales)``, and with ``transposed`` also ``(qt, scales_t)`` of ``weight.T`` (of each
@@ -95,24 +112,17 @@ def quantize_weight(weight: torch.Tensor, recipe: Fp8Recipe, transposed: bool = 
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach()
         kw = dict(pow2_scales=recipe.pow2_scales, backend=recipe.quant_backend)
+        stacked, groups = _split(w)
+        parts = [quantize_128x128_transposed(x, groups=groups, **kw) if transposed else quantize_128x128(x, **kw)
+                 for x in _pieces(w, stacked)]
         if w.dim() == 2:
-            return quantize_128x128_transposed(w, **kw) if transposed else quantize_128x128(w, **kw)
+            return parts[0]
+        if not stacked:
+            return tuple(torch.stack(p) for p in zip(*parts))
         experts, rows, cols = w.shape
-        if rows % BLOCK == 0:  # stacked experts in one launch: no 128x128 block spans two
-            flat = w.reshape(experts * rows, cols)
-            if not transposed or experts == 0:
-                q, s = quantize_128x128(flat, **kw)
-                q, s = q.view(experts, rows, cols), s.view(experts, rows // BLOCK, s.shape[-1])
-                if not transposed:
-                    return q, s
-                # no experts: no row groups to split, and nothing to transpose
-                return q, s, q.new_empty(0, cols, rows), s.new_empty(0, s.shape[2], s.shape[1])
-            q, s, qt, st = quantize_128x128_transposed(flat, groups=experts, **kw)
-            return (q.view(experts, rows, cols), s.view(experts, rows // BLOCK, s.shape[-1]),
-                    qt.view(experts, cols, rows), st.view(experts, st.shape[0] // experts, st.shape[1]))
-        # ragged rows: experts one by one, so that a block never spans two of them
-        parts = [quantize_weight(w[g], recipe, transposed) for g in range(experts)]
-        return tuple(torch.stack(p) for p in zip(*parts))
+        rb, cb = -(-rows // BLOCK), -(-cols // BLOCK)
+        shapes = ((experts, rows, cols), (experts, rb, cb), (experts, cols, rows), (experts, cb, rb))
+        return tuple(t.view(shape) for t, shape in zip(parts[0], shapes))
 
 
 class Fp8WeightCache:
@@ -175,31 +185,26 @@ class Fp8WeightSnapshot:
     def _write(self, w: torch.Tensor, recipe: Fp8Recipe) -> None:
         from dualflow.fp8.kernels.quant import quantize as _triton
 
-        q, s, qt, st = self.tensors
-        if w.numel() == 0:  # nothing to write (and no row groups to split)
+        if w.numel() == 0:  # nothing to write (and an empty piece's views need not line up)
             return
-        if w.dim() == 2:
-            pieces = [(w, 1, (q, s, qt, st))]
-        elif w.shape[1] % BLOCK == 0:  # the stacked experts' one launch, as quantize_weight makes it
-            g, rows, cols = w.shape
-            pieces = [(w.reshape(g * rows, cols), g, (q.view(g * rows, cols), s.view(-1, s.shape[-1]),
-                                                     qt.view(g * cols, rows), st.view(-1, st.shape[-1])))]
-        else:
-            pieces = [(w[g], 1, (q[g], s[g], qt[g], st[g])) for g in range(w.shape[0])]
-        for x, groups, out in pieces:
+        # the pieces quantize_weight quantizes, written into the matching views of the snapshot
+        stacked, groups = _split(w)
+        outs = zip(*(_pieces(t, stacked) for t in self.tensors))
+        for x, out in zip(_pieces(w, stacked), outs):
             _triton(x, rowwise=False, colwise=False, blockwise=True, pow2_scales=recipe.pow2_scales,
                     transposed_groups=groups, out=out)
 
 
-def enable_fp8_snapshots(model: nn.Module) -> int:
+def enable_fp8_snapshots(model: nn.Module, where: Callable[[nn.Module], bool] | None = None) -> int:
     """Give every FP8 module of ``model`` (one with an ``enable_fp8_snapshot()`` method: :class:`Fp8Linear`,
-    MoE experts holding stacked weights) :class:`Fp8WeightSnapshot` storage for its compiled calls, and
-    fill it; returns how many. From then on :func:`refresh_fp8_snapshots` must run after every change of
-    the weights and before the next compiled call, or those calls compute with the old weights."""
+    MoE experts holding stacked weights) for which ``where`` holds (default: all) :class:`Fp8WeightSnapshot`
+    storage for its compiled calls, and fill it; returns how many. From then on
+    :func:`refresh_fp8_snapshots` must run after every change of the weights and before the next compiled
+    call, or those calls compute with the old weights."""
     count = 0
     for module in model.modules():
         enable = getattr(module, "enable_fp8_snapshot", None)
-        if callable(enable) and enable():
+        if callable(enable) and (where is None or where(module)) and enable():
             count += 1
     refresh_fp8_snapshots(model)
     return count

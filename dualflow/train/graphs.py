@@ -12,7 +12,8 @@ step replays it. What the capture relies on:
   (``keeps_grads``), which the optimizer may divide in place (clipping);
 - weights and buffers are updated in place between replays (the optimizer, the router biases), so the
   graph reads their current values; the FP8 weight copies are remade inside the graph at every replay,
-  as the eager step remakes them after every optimizer step;
+  as the eager step remakes them after every optimizer step, or (``train.fp8_weight_snapshots``) are
+  rewritten in place into the storage the graph reads, after every optimizer step;
 - autocast runs without its weight-cast cache (``Stage.autocast``), which would hold tensors from the
   capture.
 

@@ -121,11 +121,10 @@ class Trainer:
         if self.fp8_snapshots:
             from dualflow.fp8.nn import enable_fp8_snapshots
 
+            # expert-parallel experts run eagerly (their row counts change): no snapshot to keep for them
+            compiled = (lambda m: not isinstance(m, GroupedExperts)) if par.dp > 1 else None
             for stage in self.stages:
-                enable_fp8_snapshots(stage)
-            if par.dp > 1:  # expert-parallel experts run eagerly (their row counts change): no snapshot to keep
-                for experts in self.fp8_experts:
-                    experts.fp8_snapshot = None
+                enable_fp8_snapshots(stage, where=compiled)
         self.engine = engine or self._build_engine()
         self.params = named_parameters(self.stages)
         # Each distinct parameter enters the gradient norm once: a DualPipe rank's second module is
@@ -335,7 +334,7 @@ class Trainer:
 
             for stage in self.stages:
                 invalidate_fp8_caches(stage)
-                if getattr(self, "fp8_snapshots", False):
+                if self.fp8_snapshots:
                     refresh_fp8_snapshots(stage)
 
     def _check_finite(self, local_loss: float, loss: float) -> None:

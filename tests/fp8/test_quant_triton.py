@@ -110,3 +110,18 @@ def test_128x128_with_its_transpose_per_group_is_bit_exact(rows, cols, groups, k
     want = quantize_128x128_transposed(w, groups=groups, backend="reference")
     for g, r in zip(got, want):
         (assert_same_scales if g.dtype == torch.float32 else assert_same_fp8)(g, r)
+
+
+def test_out_storage_is_written_in_place_and_checked():
+    from dualflow.fp8.kernels.quant import quantize
+
+    w = adversarial(256, 384, "normal", seed=3)
+    want = quantize(w, rowwise=False, colwise=False, blockwise=True, pow2_scales=False, transposed_groups=2)
+    out = tuple(torch.empty_like(t) for t in want)
+    got = quantize(w, rowwise=False, colwise=False, blockwise=True, pow2_scales=False, transposed_groups=2, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    for g, r in zip(got, want):
+        (assert_same_scales if g.dtype == torch.float32 else assert_same_fp8)(g, r)
+    wrong = (*out[:3], out[3].t())  # the transposed scales in the wrong orientation
+    with pytest.raises(ValueError, match=r"out: scales_t must be torch.float32 \(6, 1\) with strides \(1, 1\)"):
+        quantize(w, rowwise=False, colwise=False, blockwise=True, pow2_scales=False, transposed_groups=2, out=wrong)

@@ -98,8 +98,8 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
                      scale)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}"
+def _describe(t: torch.Tensor, device: torch.device) -> str:
+    return f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {device}"
 
 
 def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
@@ -151,25 +151,27 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         raise ValueError(f"tile_r={tile_r}: the 128x1 and 128x128 layouts need 128 rows per program")
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
+    # with `out` the outputs are only described (meta tensors: shapes and strides, no memory) to check it
+    device = torch.device("meta") if out is not None else x.device
     q = s = qt = st = None
     if rowwise or blockwise:
-        q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
-        s = empty_scales(rb if blockwise else rows, cb, x.device, m_major and not blockwise)
+        q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=device)
+        s = empty_scales(rb if blockwise else rows, cb, device, m_major and not blockwise)
     if colwise:
-        qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
-        st = empty_scales(cols, rb, x.device, m_major)
+        qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=device)
+        st = empty_scales(cols, rb, device, m_major)
     group_rows = rows
     if transposed_groups is not None:
         group_rows = rows // transposed_groups
-        qt = torch.empty(transposed_groups * cols, group_rows, dtype=FP8_DTYPE, device=x.device)
-        st = empty_scales(transposed_groups * cb, triton.cdiv(group_rows, BLOCK), x.device)
+        qt = torch.empty(transposed_groups * cols, group_rows, dtype=FP8_DTYPE, device=device)
+        st = empty_scales(transposed_groups * cb, triton.cdiv(group_rows, BLOCK), device)
     if out is not None:
         for name, mine, given in zip(("q", "scales", "qt", "scales_t"), (q, s, qt, st), out):
             if (mine is None) != (given is None) or (mine is not None and (
                     given.shape != mine.shape or given.dtype != mine.dtype or given.stride() != mine.stride()
-                    or given.device != mine.device)):
-                raise ValueError(f"out: {name} must be {'None' if mine is None else _describe(mine)}, got "
-                                 f"{'None' if given is None else _describe(given)}")
+                    or given.device != x.device)):
+                raise ValueError(f"out: {name} must be {'None' if mine is None else _describe(mine, x.device)}, "
+                                 f"got {'None' if given is None else _describe(given, given.device)}")
         q, s, qt, st = out
     if x.numel() == 0:
         return q, s, qt, st
