@@ -41,12 +41,15 @@ def _pairs(out):
     return out if isinstance(out[0], tuple) else (out,)
 
 
+# 1000x1300: ragged edges; 2048x1408: sizes Triton's launch hints as divisible by 16, which change the
+# compiled stores (the transposing launch wrote wrong bytes with them, NOTES_gpu row 18)
+@pytest.mark.parametrize("shape", [(1000, 1300), (2048, 1408)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fn", QUANTIZERS, ids=lambda f: f.__name__)
-def test_triton_quantizers_match_the_cpu_reference_bit_for_bit(fn, kind, pow2):
+def test_triton_quantizers_match_the_cpu_reference_bit_for_bit(fn, kind, pow2, shape):
     for dtype in (torch.float32, torch.bfloat16):
-        x = adversarial(1000, 1300, kind, dtype=dtype, seed=3)
+        x = adversarial(*shape, kind, dtype=dtype, seed=3)
         want = _pairs(fn(x, pow2_scales=pow2, backend="reference"))
         got = _pairs(fn(x.to(CUDA), pow2_scales=pow2, backend="triton"))
         on_gpu = _pairs(fn(x.to(CUDA), pow2_scales=pow2, backend="reference"))
@@ -58,11 +61,13 @@ def test_triton_quantizers_match_the_cpu_reference_bit_for_bit(fn, kind, pow2):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("rows", "cols", "groups"), [(1000, 1300, 1), (3 * 256, 1300, 3), (64 * 128, 2048, 64)])
-def test_128x128_with_its_transpose_matches_the_cpu_reference_bit_for_bit(rows, cols, groups, kind):
+@pytest.mark.parametrize(("rows", "cols", "groups"),
+                         [(1000, 1300, 1), (2048, 1408, 1), (3 * 256, 1300, 3), (64 * 128, 2048, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_128x128_with_its_transpose_matches_the_cpu_reference_bit_for_bit(rows, cols, groups, kind, dtype):
     from dualflow.fp8 import quantize_128x128_transposed
 
-    w = adversarial(rows, cols, kind, dtype=torch.float32, seed=4)
+    w = adversarial(rows, cols, kind, dtype=dtype, seed=4)
     want = quantize_128x128_transposed(w, groups=groups, backend="reference")
     got = quantize_128x128_transposed(w.to(CUDA), groups=groups, backend="triton")
     for g, r in zip(got, want):
@@ -177,21 +182,26 @@ def test_torch_backend_runs_any_row_count(rowwise):
     assert not refused, f"the torch backend handed (M, K, N) = {refused} on"
 
 
-def test_fp8_linear_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_linear_on_cuda(dtype):
+    """BF16 weights, and FP32 master weights under autocast as the trainer runs them (their quantization
+    compiles differently: the transposed copy was once wrong for FP32 weights alone, NOTES_gpu row 18)."""
     torch.manual_seed(0)
-    ref = nn.Linear(2048, 1536, device=CUDA, dtype=torch.bfloat16)
-    fp8 = Fp8Linear(2048, 1536, device=CUDA, dtype=torch.bfloat16)
+    ref = nn.Linear(2048, 1536, device=CUDA, dtype=dtype)
+    fp8 = Fp8Linear(2048, 1536, device=CUDA, dtype=dtype)
     fp8.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 512, 2048, device=CUDA, dtype=torch.bfloat16)
+    x = torch.randn(4, 512, 2048, device=CUDA, dtype=dtype)
     dy = torch.randn(4, 512, 1536, device=CUDA, dtype=torch.bfloat16)
     results = []
     for module in (ref, fp8):
         xi = x.clone().requires_grad_()
         counter = _SavedBytes(module)
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), \
+                torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.bfloat16):
             y = module(xi)
         results.append((counter.total, y, *torch.autograd.grad(y, [xi, module.weight, module.bias], dy)))
-    assert results[1][0] <= 0.55 * results[0][0]
+    if dtype == torch.bfloat16:  # under autocast the BF16 layer saves casts of FP32 tensors: another budget
+        assert results[1][0] <= 0.55 * results[0][0]
     for name, want, got in zip(["output", "input grad", "weight grad", "bias grad"], results[0][1:], results[1][1:]):
         assert sqnr_db(want, got) >= 25, f"{name}: {sqnr_db(want, got):.1f} dB"
 
