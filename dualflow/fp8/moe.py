@@ -90,18 +90,16 @@ def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales:
 
 def wgrad_backend(recipe: Fp8Recipe, device: torch.device | str) -> str:
     """The kernel of the experts' weight gradient under ``recipe`` on ``device``: ``recipe.wgrad_backend``
-    when it names one (``cutlass`` refused with the reason where it cannot run); for ``auto``, CUTLASS's
-    when the GEMM backend order names ``cutlass`` first and it runs here, else Triton's.
-
-    Why ``auto`` does not take CUTLASS's whenever it can run: alone it is the faster kernel (729 against
-    454 TFLOP/s on V2-Lite's 64 experts on an H200), but the training steps measured with it in ``auto``'s
-    default order were not faster (benchmarks/NOTES_gpu.md row 15); ``train_throughput.py``'s
-    ``fp8-cutlass-wgrad`` variant measures the two in one invocation.
+    when it names one (``cutlass`` refused with the reason where it cannot run); for ``auto``, whichever of
+    ``cutlass`` and ``triton`` the GEMM backend order names first (CUTLASS's when it names neither: torch
+    has no grouped kernel), with Triton's where CUTLASS cannot run. The default order puts CUTLASS first:
+    on V2-Lite's step on an H200 it took 16 ms a step less than Triton's (benchmarks/NOTES_gpu.md row 15).
     """
     device = torch.device(device)
     wanted = recipe.wgrad_backend
     if wanted == "auto":  # asked at every call: the availability only where the order makes it matter
-        wanted = "cutlass" if backend_names(recipe.backend, device)[0] == "cutlass" else "triton"
+        named = [n for n in backend_names(recipe.backend, device) if n in ("cutlass", "triton")]
+        wanted = named[0] if named else "cutlass"
     if wanted == "triton":
         return "triton"
     why_not = available_backends(device, "contiguous")["cutlass"]

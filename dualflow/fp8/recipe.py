@@ -24,8 +24,8 @@ class Fp8Recipe:
     - ``backend``: GEMM backend for :func:`dualflow.fp8.fp8_gemm` (a name, a comma list, or ``"auto"``).
     - ``quant_backend``: quantization backend (``"auto"``, ``"reference"``, ``"triton"``).
     - ``wgrad_backend``: the kernel of the routed experts' weight gradients (grouped along the tokens):
-      ``"cutlass"``, ``"triton"``, or ``"auto"``: CUTLASS's when ``backend`` names ``cutlass`` first and it
-      runs here, else Triton's (:func:`dualflow.fp8.moe.wgrad_backend`).
+      ``"cutlass"``, ``"triton"``, or ``"auto"``: whichever of the two ``backend`` names first (CUTLASS's
+      in the default order), Triton's where CUTLASS cannot run (:func:`dualflow.fp8.moe.wgrad_backend`).
     """
 
     block_size: int = BLOCK

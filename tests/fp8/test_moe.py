@@ -162,11 +162,13 @@ def test_grouped_wgrad_kernel_follows_the_recipe(monkeypatch):
                                    rtol=1e-5, atol=1e-4)
     with pytest.raises(BackendUnavailable, match=r"wgrad_backend='cutlass' cannot run on cpu: .*CUDA"):
         grouped_wgrad(a, a, offsets, recipe(wgrad_backend="cutlass"), fused=True)
-    # where CUTLASS can run, "auto" takes it when the GEMM order names cutlass first; a name always wins
+    # where CUTLASS can run, "auto" takes whichever of cutlass and triton the GEMM order names first
+    # (cutlass when it names neither); a name always wins
     real = moe.available_backends
     monkeypatch.setattr(moe, "available_backends", lambda device, op: {**real(device, op), "cutlass": None})
-    cases = {("cutlass,torch", "auto"): "cutlass", (AUTO_CUDA, "auto"): "triton", ("triton,cutlass", "auto"): "triton",
-             (AUTO_CUDA, "cutlass"): "cutlass", ("cutlass", "triton"): "triton"}
+    cases = {("cutlass,torch", "auto"): "cutlass", (AUTO_CUDA, "auto"): "cutlass", ("triton,cutlass", "auto"): "triton",
+             ("torch,triton", "auto"): "triton", ("torch", "auto"): "cutlass",
+             (AUTO_CUDA, "cutlass"): "cutlass", (AUTO_CUDA, "triton"): "triton", ("cutlass", "triton"): "triton"}
     for (spec, wgrad), kernel in cases.items():
         assert wgrad_backend(recipe(backend=spec, wgrad_backend=wgrad), "cpu") == kernel, (spec, wgrad)
     with pytest.raises(BackendUnavailable, match="CUTLASS GEMMs run on CUDA tensors"):  # the kernel was called
