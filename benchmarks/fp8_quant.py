@@ -19,7 +19,6 @@ every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -127,7 +126,7 @@ def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) 
     if shape not in copy_gbs:
         y = torch.empty_like(x)
         copy_gbs[shape] = 2 * x.nbytes / timed(lambda: y.copy_(x)) / 1e9
-    table = Table(["layout", "tile_r", "tile_c", "sub_r", "warps", "ms", "GB/s", "of copy"],
+    table = Table(["layout", "tile_r", "tile_c", "warps", "ms", "GB/s", "of copy"],
                   title=f"Triton quantizer launch sweep, {r}x{c}")
     # (layout, op, rows per program, columns per program, modes): a layout alone may narrow its own tiles
     layouts = (("1x128", "quantize_1x128", (32, 64, 128), (128,), (True, False, False)),
@@ -136,18 +135,17 @@ def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) 
                ("128x128", "quantize_128x128", (128,), (128,), (False, False, True)))
     for layout, name, tiles_r, tiles_c, (rowwise, colwise, blockwise) in layouts:
         moved = x.nbytes + _out_bytes(name, r, c)
-        # the fused layout also in two passes over chunks of sub_r rows ("-": the whole tile in one)
-        subs = (None, 16, 32, 64) if rowwise and colwise else (None,)
-        for tile_r, tile_c, sub_r in itertools.product(tiles_r, tiles_c, subs):
-            for warps in (1, 2, 4, 8, 16):
-                if (sub_r or tile_r) * tile_c < 32 * warps * 8:  # fewer than 8 elements a thread: never faster
-                    continue
-                t = timed(lambda tile_r=tile_r, tile_c=tile_c, sub_r=sub_r, warps=warps, m=(rowwise, colwise, blockwise):
-                          kernel(x, rowwise=m[0], colwise=m[1], blockwise=m[2], pow2_scales=False,
-                                 tile_r=tile_r, tile_c=tile_c, sub_r=sub_r, num_warps=warps))
-                gbs = moved / t / 1e9
-                table.add(layout=layout, tile_r=tile_r, tile_c=tile_c, sub_r=sub_r or "-", warps=warps, ms=t * 1e3,
-                          **{"GB/s": gbs, "of copy": gbs / copy_gbs[shape]})
+        for tile_r in tiles_r:
+            for tile_c in tiles_c:
+                for warps in (1, 2, 4, 8, 16):
+                    if tile_r * tile_c < 32 * warps * 8:  # fewer than 8 elements a thread: never faster
+                        continue
+                    t = timed(lambda tile_r=tile_r, tile_c=tile_c, warps=warps, m=(rowwise, colwise, blockwise):
+                              kernel(x, rowwise=m[0], colwise=m[1], blockwise=m[2], pow2_scales=False,
+                                     tile_r=tile_r, tile_c=tile_c, num_warps=warps))
+                    gbs = moved / t / 1e9
+                    table.add(layout=layout, tile_r=tile_r, tile_c=tile_c, warps=warps, ms=t * 1e3,
+                              **{"GB/s": gbs, "of copy": gbs / copy_gbs[shape]})
     return table
 
 

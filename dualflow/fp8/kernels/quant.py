@@ -98,46 +98,6 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
                      scale)
 
 
-@triton.jit
-def _fused_chunked_kernel(x_ptr, R, C, sxr, sxc, q_ptr, s_ptr, sqr, ssr, ssc, qt_ptr, st_ptr, sqtr, sstr, sstc,
-                          POW2: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, SUB_R: tl.constexpr):
-    # The 1x128+128x1 layouts of a TILE_R x TILE_C tile in two passes over SUB_R-row chunks, so that a
-    # program holds a chunk in registers instead of the whole tile (more programs in flight an SM). Pass 1:
-    # each chunk's 1x128 quantization, and the columns' amax. Pass 2: the chunks again (from cache: the
-    # program has just read them), scaled by the columns' scales and stored transposed.
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * TILE_C + tl.arange(0, TILE_C)
-    in_c = cols < C
-    cols64 = cols.to(tl.int64)
-    one_r = tl.full((SUB_R,), 1.0, tl.float32)
-    one_c = tl.full((TILE_C,), 1.0, tl.float32)
-    col_amax = tl.zeros((TILE_C,), tl.int32)
-    for r0 in tl.range(0, TILE_R, SUB_R):
-        rows = pid_r * TILE_R + r0 + tl.arange(0, SUB_R)
-        in_r = rows < R
-        mask = in_r[:, None] & in_c[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        ab = _abs_bits(x)
-        scale = _scale(tl.max(ab, axis=1), POW2)
-        q = _to_fp8(x * tl.math.div_rn(one_r, scale)[:, None])
-        tl.store(q_ptr + rows64[:, None] * sqr + cols64[None, :], q, mask=mask)
-        tl.store(s_ptr + rows64 * ssr + pid_c * ssc, scale, mask=in_r)
-        col_amax = tl.maximum(col_amax, tl.max(ab, axis=0))
-    scale_c = _scale(col_amax, POW2)
-    inv_c = tl.math.div_rn(one_c, scale_c)
-    tl.store(st_ptr + cols64 * sstr + pid_r * sstc, scale_c, mask=in_c)
-    for r0 in tl.range(0, TILE_R, SUB_R):
-        rows = pid_r * TILE_R + r0 + tl.arange(0, SUB_R)
-        in_r = rows < R
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * sxr + cols64[None, :] * sxc, mask=in_r[:, None] & in_c[None, :],
-                    other=0.0).to(tl.float32)
-        q = _to_fp8(x * inv_c[None, :])
-        tl.store(qt_ptr + cols64[:, None] * sqtr + rows64[None, :], tl.trans(q), mask=in_c[:, None] & in_r[None, :])
-
-
 # The transposing 128x128 launch compiles without the divisibility hints on R, C and GROUP_ROWS. With them
 # (every weight whose rows divide by 16), Triton 3.6 wrote wrong bytes into the transposed copy of FP32
 # weights on an H200 (its stores, NOTES_gpu row 18), and the unhinted kernel matches the reference bit for
@@ -168,7 +128,7 @@ def launch_settings(rowwise: bool, colwise: bool) -> tuple[int, int, int]:
 
 def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool,
              tile_r: int | None = None, tile_c: int | None = None, num_warps: int | None = None,
-             m_major: bool = False, transposed_groups: int | None = None, sub_r: int | None = None,
+             m_major: bool = False, transposed_groups: int | None = None,
              out: tuple[torch.Tensor | None, ...] | None = None) -> tuple[torch.Tensor | None, ...]:
     """Launch the kernel; returns ``(q, scales, qt, scales_t)`` with ``None`` for layouts not asked for.
 
@@ -184,8 +144,7 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
     and ``num_warps`` default to :func:`launch_settings`. ``m_major`` writes the 1x128 scales (``scales``
     of the rowwise layout and ``scales_t``) with strides ``(1, rows)`` instead of row-major: the layout
     torch's block-scaled matmul reads, which saves a copy kernel per GEMM operand
-    (:func:`dualflow.fp8.quant.empty_scales`). ``sub_r`` (the fused 1x128+128x1 layout only: a power of two
-    below 128) runs that layout in two passes over chunks of that many rows (:func:`_fused_chunked_kernel`).
+    (:func:`dualflow.fp8.quant.empty_scales`).
     """
     if transposed_groups is not None:
         if not blockwise or rowwise or colwise:
@@ -197,10 +156,6 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         raise ValueError(f"tile_c={tile_c}: the 1x128 and 128x128 layouts need 128 columns per program")
     if tile_r != BLOCK and (colwise or blockwise):
         raise ValueError(f"tile_r={tile_r}: the 128x1 and 128x128 layouts need 128 rows per program")
-    if sub_r is not None and not (rowwise and colwise and not blockwise and 0 < sub_r < BLOCK
-                                  and sub_r & (sub_r - 1) == 0):
-        raise ValueError(f"sub_r={sub_r}: the fused 1x128+128x1 layout alone takes chunks of a power of two "
-                         f"below {BLOCK} rows")
     rows, cols = x.shape
     rb, cb = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
     # with `out` the outputs are only described (meta tensors: shapes and strides, no memory) to check it
@@ -229,12 +184,6 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
-    if sub_r is not None:
-        _fused_chunked_kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
-            x, rows, cols, x.stride(0), x.stride(1), q, s, cols, s.stride(0), s.stride(1), qt, st, rows,
-            st.stride(0), st.stride(1), POW2=pow2_scales, TILE_R=tile_r, TILE_C=tile_c, SUB_R=sub_r,
-            num_warps=num_warps)
-        return q, s, qt, st
     kernel = _quant_kernel_t if transposed_groups is not None else _quant_kernel
     kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
