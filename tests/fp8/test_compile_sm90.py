@@ -48,16 +48,14 @@ def _quantizer() -> dict:
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32"}
     hinted = ["x_ptr", "q_ptr", "qt_ptr", "R", "C", "sxr"]
     report = {}
-    for name, kernel, flags in (
-        ("fused", quant._quant_kernel, {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True,
-                                        "TILE_R": 128, "TILE_C": 128, "BLOCK_T": False}),
-        # with the transposed copy: its launch leaves R, C and GROUP_ROWS unhinted (kernels/quant.py says why)
-        ("blockwise", quant._quant_kernel_t, {"ROWWISE": False, "COLWISE": False, "BLOCKWISE": True, "POW2": True,
-                                              "TILE_R": 128, "TILE_C": 128, "BLOCK_T": True}),
+    for name, flags in (
+        ("fused", {"ROWWISE": True, "COLWISE": True, "BLOCKWISE": False, "POW2": True, "TILE_R": 128, "TILE_C": 128,
+                   "BLOCK_T": False}),
+        ("blockwise", {"ROWWISE": False, "COLWISE": False, "BLOCKWISE": True, "POW2": True, "TILE_R": 128,
+                       "TILE_C": 128, "BLOCK_T": True}),  # with the transposed copy
     ):
         signature = {n: ptrs.get(n, "i32") for n in order} | {k: "constexpr" for k in flags}
-        names = [n for n in hinted if not (flags["BLOCK_T"] and n in kernel.do_not_specialize)]
-        ptx = _compile(kernel, signature, flags, names, num_warps=4).asm["ptx"]
+        ptx = _compile(quant._quant_kernel, signature, flags, hinted, num_warps=4).asm["ptx"]
         report[name] = {"div_rn": "div.rn.f32" in ptx, "satfinite": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
                         "approximate": any(s in ptx for s in ("div.full", "div.approx", "rcp.approx"))}
     return report

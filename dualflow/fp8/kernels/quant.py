@@ -91,18 +91,17 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
             group = (pid_r * TILE_R) // GROUP_ROWS
             in_group = rows64 - group.to(tl.int64) * GROUP_ROWS
             qt_rows = group.to(tl.int64) * C + cols64
-            tl.store(qt_ptr + qt_rows[:, None] * GROUP_ROWS + in_group[None, :], tl.trans(q),
-                     mask=in_c[:, None] & in_r[None, :])
+            # the transposed tile is re-loaded (from cache) and scaled again, not tl.trans(q): on an H200,
+            # Triton 3.6 stored tl.trans(q) of FP32 input wrongly at sizes it hints as divisible by 16
+            # (every weight of the training step); without the hints it was right but 3.4x slower (byte
+            # stores), and the re-load costs ~1% (benchmarks/NOTES_gpu.md rows 18 and 20)
+            xt = tl.load(x_ptr + cols64[:, None] * sxc + rows64[None, :] * sxr, mask=in_c[:, None] & in_r[None, :],
+                         other=0.0).to(tl.float32)
+            tl.store(qt_ptr + qt_rows[:, None] * GROUP_ROWS + in_group[None, :],
+                     _to_fp8(xt * tl.math.div_rn(1.0, scale)), mask=in_c[:, None] & in_r[None, :])
             group_blocks = tl.cdiv(GROUP_ROWS, TILE_R)
             tl.store(st_ptr + (group * tl.cdiv(C, TILE_C) + pid_c) * group_blocks + pid_r - group * group_blocks,
                      scale)
-
-
-# The transposing 128x128 launch compiles without the divisibility hints on R, C and GROUP_ROWS. With them
-# (every weight whose rows divide by 16), Triton 3.6 wrote wrong bytes into the transposed copy of FP32
-# weights on an H200 (its stores, NOTES_gpu row 18), and the unhinted kernel matches the reference bit for
-# bit. The other layouts keep the hints; the GPU tests cover them at hinted shapes.
-_quant_kernel_t = triton.jit(do_not_specialize=["R", "C", "GROUP_ROWS"])(_quant_kernel.fn)
 
 
 def _describe(t: torch.Tensor, device: torch.device) -> str:
@@ -184,8 +183,7 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
-    kernel = _quant_kernel_t if transposed_groups is not None else _quant_kernel
-    kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
+    _quant_kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
         first, first_s, cols, first_s.stride(0), first_s.stride(1),
         qt if qt is not None else first, st if st is not None else first_s, rows,
