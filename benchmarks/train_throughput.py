@@ -21,6 +21,8 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
+A variant named twice runs twice (the second as ``fp8#2``): the run-to-run spread of its times, and
+whether its losses repeat (the JSON record keeps them at full precision).
 ``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
 ``val loss`` is the validation loss after the last step (``--val-batches`` batches, 1 by default): with
 the same seed and data it compares the variants' quality, e.g. FP8 against BF16 after 300 steps
@@ -153,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     with tempfile.TemporaryDirectory(prefix="dualflow-train-bench-") as tmp:
         root = args.keep or Path(tmp)
-        for name in variants:
-            run_dir = root / name
+        for i, name in enumerate(variants):
+            runs = variants[:i + 1].count(name)  # a variant named again runs again, as name#2, ...
+            label = name if runs == 1 else f"{name}#{runs}"
+            run_dir = root / label
             run_dir.mkdir(parents=True, exist_ok=True)
-            print(f"train_throughput: {name} ...", file=sys.stderr, flush=True)
+            print(f"train_throughput: {label} ...", file=sys.stderr, flush=True)
             if name.startswith("hf-"):
                 s = _run_peer(config, name[3:], steps, warmup, sets, run_dir / "peer.json", run_dir / "launch.log")
                 s["mfu"] = None
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.profile:
                     _show_profile(name, run_dir / "profile-rank0.txt")
             base = base or s["tokens_per_s"]
-            row = {"variant": name, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
+            row = {"variant": label, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
                    "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
                    "final loss": s["final_loss"], "val loss": "-" if s.get("val_loss") is None else s["val_loss"]}

@@ -30,8 +30,8 @@ class RunConfig:
     fp8_wgrad_backend: str = "auto"
     # fp8_weight_snapshots: compiled FP8 layers read their weights' FP8 copies from snapshots rewritten
     # once per optimizer step (dualflow.fp8.enable_fp8_snapshots) instead of quantizing them for every
-    # micro-batch. Off until measured on a GPU: the snapshots hold 2 bytes a parameter for the whole step,
-    # which may lift FP8's peak memory above BF16's (benchmarks/NOTES_gpu.md row 17)
+    # micro-batch. Off by default: on V2-Lite (one H200) they saved 3.5 ms of a 373 ms step and held 4 GB
+    # more at the peak, above BF16's (benchmarks/NOTES_gpu.md row 17)
     fp8_weight_snapshots: bool = False
     fp8_dispatch: bool = True
     log_every: int = 10

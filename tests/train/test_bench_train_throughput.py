@@ -44,12 +44,14 @@ def test_summary_leaves_the_warmup_out(tmp_path):
 def test_smoke_run_of_two_variants(tmp_path):
     out = tmp_path / "bench.jsonl"
     proc = subprocess.run([sys.executable, "-m", "dualflow", "bench", "train_throughput", "--smoke", "--variants",
-                           "base,fp8-serial", "--json", str(out), "--keep", str(tmp_path / "runs")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+                           "base,fp8-serial,base", "--json", str(out), "--keep", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     rows = record["rows"]
-    assert [r["variant"] for r in rows] == ["base", "fp8-serial"]
+    assert [r["variant"] for r in rows] == ["base", "fp8-serial", "base#2"]
+    # a variant named again ran again, in its own directory, and the same run repeats its losses
+    assert rows[2]["final loss"] == rows[0]["final loss"] and rows[2]["val loss"] == rows[0]["val loss"]
     assert rows[0]["ratio"] == 1.0 and all(r["tokens/s"] > 0 and r["step ms"] > 0 for r in rows)
     assert "training throughput: tiny_moe.toml, 2 process(es)" in proc.stdout
     # each variant really ran with its overrides: FP8 layers converted only in the second

@@ -1,4 +1,5 @@
-"""Triton quantization kernel: one program per 128x128 tile of ``x``, every layout from one read.
+"""Triton quantization kernel: one program per 128x128 tile of ``x``, every layout from one read (the
+transposed 128x128 copy reads its tile a second time, from cache: see the kernel).
 
 Bit-exact with :mod:`dualflow.fp8.quant`'s reference: the amax is a max (order-free), the divisions are
 correctly rounded (``div_rn``, not the approximate ``/``), ``x * (1 / scale)`` is a single multiply (nothing
