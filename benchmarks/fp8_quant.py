@@ -1,7 +1,7 @@
 """FP8 quantization bandwidth: every quantizer beside a device-to-device copy of the same input.
 
     python benchmarks/fp8_quant.py [--smoke] [--json PATH] [--backends triton,reference] [--repeat N]
-                                   [--shape ROWS COLS ...] [--sweep]
+                                   [--shape ROWS COLS ...] [--weights] [--sweep]
 
 GB/s = bytes moved / median time (1 GB = 1e9 bytes): the BF16 input read once, every FP8 byte and FP32
 scale written. The copy row moves the input once in and once out (2 x its bytes); ``of copy`` is the
@@ -11,6 +11,11 @@ weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them wi
 quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row
 times CUDA graph replays (as fp8_gemm.py does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes
 on whatever device there is.
+``--weights`` adds a table of FP32 master weights quantized as the FP8 layers do, 128x128 blocks with the
+transposed copy the input gradient reads (``quantize_128x128_transposed``, per expert for stacked experts),
+beside the 128x128 quantization followed by a transposing copy (what it replaced) and an FP32 copy: the
+stacks of DeepSeek-V2-Lite's 64 experts (gate/up 64 x 2816 x 2048, down 64 x 2048 x 1408) and a dense
+weight.
 ``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (rows and columns per program, warps) for
 every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
 ``dualflow.fp8.kernels.quant.launch_settings``.
@@ -28,7 +33,13 @@ import torch
 if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (installed: dualflow/benchmarks)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualflow.fp8 import quantize_1x128, quantize_1x128_and_128x1, quantize_128x1, quantize_128x128
+from dualflow.fp8 import (
+    quantize_1x128,
+    quantize_1x128_and_128x1,
+    quantize_128x1,
+    quantize_128x128,
+    quantize_128x128_transposed,
+)
 from dualflow.fp8.quant import num_blocks
 from dualflow.utils.timing import Table, cuda_graphed, time_fns, write_record
 
@@ -36,6 +47,9 @@ ACTIVATIONS = [(4096, 7168), (16384, 7168), (4096, 18432)]
 WEIGHTS = [(7168, 16384)]
 SMOKE_ACTIVATIONS = [(256, 384)]
 SMOKE_WEIGHTS = [(256, 256)]
+# (experts, rows per expert, columns): FP32 master weights as the FP8 layers quantize them (--weights)
+MASTER_WEIGHTS = [(64, 2816, 2048), (64, 2048, 1408), (1, 2048, 3072)]
+SMOKE_MASTER_WEIGHTS = [(2, 256, 384), (1, 128, 256)]
 
 
 def _out_bytes(name: str, r: int, c: int) -> int:
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
+    parser.add_argument("--weights", action="store_true",
+                        help="also time FP32 weights quantized with their transposes (as the FP8 layers do)")
     parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("ROWS", "COLS"),
                         help="a shape to time every quantizer on (repeatable; replaces the default shapes)")
     args = parser.parse_args(argv)
@@ -109,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
                      graphs=not args.eager and device.type == "cuda")
+    if args.weights:
+        weights_table = _weights(SMOKE_MASTER_WEIGHTS if args.smoke else MASTER_WEIGHTS, device, backends, graphed,
+                                 warmup, repeat)
+        weights_table.print()
+        if args.json:
+            write_record(args.json, "fp8_quant_weights", weights_table.rows, smoke=args.smoke, backends=backends,
+                         repeat=repeat)
     if args.sweep:
         sweep_shape = activations[0] if args.shape else activations[-1] if args.smoke else (16384, 7168)
         sweep = _sweep(sweep_shape, device, timed, copy_gbs)
@@ -116,6 +139,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_record(args.json, "fp8_quant_sweep", sweep.rows, smoke=args.smoke, repeat=repeat)
     return 0
+
+
+def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup: int, repeat: int) -> Table:
+    """FP32 weight stacks ``[G*R, C]``: 128x128 blocks and each expert's transpose from one call, against the
+    blocks followed by a transposing copy, and an FP32 copy (interleaved, per stack)."""
+    table = Table(["weight", "op", "backend", "ms", "GB/s", "of copy"], title="FP32 weights to FP8 with transposes")
+    for g, r, c in stacks:
+        w = torch.randn(g * r, c, device=device)
+        y = torch.empty_like(w)
+        out = 2 * g * r * c + 2 * 4 * g * num_blocks(r) * num_blocks(c)  # q and qt, their scales
+        calls = {("copy (fp32)", "torch"): (lambda w=w, y=y: y.copy_(w), 2 * w.nbytes)}
+        for backend in backends:
+            calls[("quantize_128x128_transposed", backend)] = (
+                lambda w=w, g=g, b=backend: quantize_128x128_transposed(w, groups=g, backend=b), w.nbytes + out)
+            # what it replaced: the blocks, then the transpose of each expert's block by a copy
+            calls[("quantize_128x128 + transposing copy", backend)] = (
+                lambda w=w, g=g, r=r, c=c, b=backend:
+                quantize_128x128(w, backend=b)[0].view(g, r, c).transpose(1, 2).contiguous(), w.nbytes + out)
+        keys = {f"{op}/{backend}": (op, backend) for op, backend in calls}
+        times = time_fns({key: graphed(calls[k][0]) for key, k in keys.items()}, warmup=warmup, repeat=repeat,
+                         device=device)
+        copy = 2 * w.nbytes / times["copy (fp32)/torch"].median
+        for key, (op, backend) in keys.items():
+            t = times[key].median
+            gbs = calls[(op, backend)][1] / t
+            table.add(weight=f"{g}x{r}x{c}", op=op, backend=backend, ms=t * 1e3,
+                      **{"GB/s": gbs / 1e9, "of copy": gbs / copy})
+    return table
 
 
 def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) -> Table:

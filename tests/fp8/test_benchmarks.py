@@ -12,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(args: list[str], out: Path) -> dict:
+def _run(args: list[str], out: Path, records: int = 1) -> dict | list[dict]:
     proc = subprocess.run([sys.executable, *args, "--smoke", "--json", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 1
-    return records[0]
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == records
+    return got[0] if records == 1 else got
 
 
 @pytest.mark.slow
@@ -36,7 +36,13 @@ def test_fp8_gemm_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_fp8_quant_smoke(tmp_path):
-    rows = _run(["benchmarks/fp8_quant.py"], tmp_path / "quant.json")["rows"]
+    activations, weights = _run(["benchmarks/fp8_quant.py", "--weights"], tmp_path / "quant.json", records=2)
+    assert activations["benchmark"] == "fp8_quant" and weights["benchmark"] == "fp8_quant_weights"
+    rows = activations["rows"]
     ops = {r["op"] for r in rows}
     assert ops == {"copy (bf16)", "quantize_1x128", "quantize_128x1", "quantize_1x128_and_128x1", "quantize_128x128"}
     assert all(r["GB/s"] > 0 for r in rows)
+    rows = weights["rows"]
+    assert {r["op"] for r in rows} == {"copy (fp32)", "quantize_128x128_transposed",
+                                       "quantize_128x128 + transposing copy"}
+    assert {r["weight"] for r in rows} == {"2x256x384", "1x128x256"} and all(r["GB/s"] > 0 for r in rows)
