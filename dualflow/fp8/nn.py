@@ -296,16 +296,18 @@ class _Fp8LinearFn(torch.autograd.Function):
     at every call (the cache's Python state, keyed on version counters and optimizer steps, cannot be
     traced), with its transpose from the same pass when the input gradient needs it, and every kernel is
     a ``torch.ops.dualflow`` operator. ``out_dtype`` None: worked out after the input is quantized (whose
-    checks speak first). ``wgrad``/``dgrad``: the weight's and the input's gradients will be asked for."""
+    checks speak first). ``wgrad``/``dgrad``: the weight's and the input's gradients will be asked for.
+    ``quantized``: ``x``'s ``(q, s, qt, st)`` made by the caller, shared by layers reading the same input
+    (:meth:`Fp8Linear.shared_input`; ``qt, st`` present where ``wgrad``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cache: Fp8WeightCache | None, recipe: Fp8Recipe, plan: _Plan | None,
                 out_dtype: torch.dtype | None, wgrad: bool, dgrad: bool, layer: str | None,
-                snapshot: tuple[torch.Tensor, ...] | None):
+                snapshot: tuple[torch.Tensor, ...] | None, quantized: tuple[torch.Tensor | None, ...] | None = None):
         pow2 = recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1])
         # the 128x1 layout of x is only needed for the weight gradient
-        xq, xs, xtq, xts = _quantize(x2, wgrad, recipe, plan)
+        xq, xs, xtq, xts = quantized if quantized is not None else _quantize(x2, wgrad, recipe, plan)
         out_dtype = out_dtype or _out_dtype(x)
         w_t = ()
         if cache is not None:
@@ -365,7 +367,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         if need_db and ctx.b_dtype is not None:
             db = dy2.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -413,25 +415,55 @@ class Fp8Linear(nn.Linear):
         self.fp8_snapshot.refresh(self.weight, self.recipe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self._forward(x, self._planned_plan(x), None)
+
+    @staticmethod
+    def shared_input(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+        """``[layer(x) for layer in layers]`` with ``x`` quantized once for all of them, where they are
+        ``Fp8Linear`` layers of one recipe and ``x`` takes the planned kernels (else one call each, the same
+        thing). The outputs and every gradient are those of the separate calls, bit for bit; the backward
+        saves ``x``'s 128x1 layout once instead of once per layer. Attention's projections of one input
+        (MLA's query and key/value latents) take it."""
+        first = layers[0] if layers else None
+        if (len(layers) < 2 or any(type(layer) is not Fp8Linear or layer.recipe != first.recipe
+                                   or layer.in_features != first.in_features for layer in layers)):
+            return [layer(x) for layer in layers]
+        first._check_input(x)
+        plan = first._planned_plan(x)
+        if plan is None:  # an input the planned kernels do not take: the checking path, layer by layer
+            return [layer(x) for layer in layers]
+        wgrad = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers)
+        with torch.no_grad():  # FP8 bytes and scales: nothing to differentiate (each layer's backward does)
+            quantized = _quantize(x.detach().reshape(-1, x.shape[-1]), wgrad, first.recipe, plan)
+        return [layer._forward(x, plan, quantized) for layer in layers]
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
+
+    def _planned_plan(self, x: torch.Tensor) -> _Plan | None:
+        """The kernels' plan for ``x``; None for an input the planned kernels do not take (empty, an unusual
+        dtype), which goes through the public functions, whose checks name what is wrong."""
+        if torch.compiler.is_compiling():
+            # traced: the checks the planless (checking) path makes at every call are made once here, while
+            # tracing, on the input's dtype (the shapes were checked before)
+            return _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
+        planned = x.numel() > 0 and x.dtype in _GEMM_DTYPES and self.weight.dtype in _GEMM_DTYPES
+        return self._plan(x.device) if planned else None
+
+    def _forward(self, x: torch.Tensor, plan: _Plan | None, quantized: tuple | None) -> torch.Tensor:
         wgrad = torch.is_grad_enabled() and self.weight.requires_grad
         dgrad = torch.is_grad_enabled() and x.requires_grad
-        if torch.compiler.is_compiling():
-            # traced: no weight cache (see _Fp8LinearFn); the checks the planless (checking) path makes at every call
-            # are made once here, while tracing, on the input's dtype (the shapes were checked above)
-            plan = _traced_plan(x.device, self.recipe.quant_backend, self.recipe.backend)
+        if torch.compiler.is_compiling():  # traced: no weight cache (see _Fp8LinearFn)
             snapshot = self.fp8_snapshot.tensors if self.fp8_snapshot is not None else None
             return _Fp8LinearFn.apply(x, self.weight, self.bias, None, self.recipe, plan, _out_dtype(x), wgrad, dgrad,
-                                      None, snapshot)
-        # an input the planned kernels do not take goes through the public functions (plan None), whose checks
-        # name what is wrong
-        planned = x.numel() > 0 and x.dtype in _GEMM_DTYPES and self.weight.dtype in _GEMM_DTYPES
-        plan = self._plan(x.device) if planned else None
+                                      None, snapshot, quantized)
         try:
             return _Fp8LinearFn.apply(x, self.weight, self.bias, self.fp8_cache, self.recipe, plan,
-                                      _out_dtype(x) if planned else None, wgrad, dgrad, self.describe(), None)
+                                      _out_dtype(x) if plan is not None else None, wgrad, dgrad, self.describe(), None,
+                                      quantized)
         except (ValueError, TypeError, BackendUnavailable) as exc:
             raise _in_layer(self.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
                             exc) from exc

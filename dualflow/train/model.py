@@ -253,6 +253,16 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
 
 
+def shared_input(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``, through the layers' own path for one input read by several of
+    them where their type has one (``Fp8Linear.shared_input``: ``x`` quantized once for all)."""
+    kind = type(layers[0])
+    shared = getattr(kind, "shared_input", None)
+    if shared is not None and all(type(layer) is kind for layer in layers):
+        return shared(x, layers)
+    return [layer(x) for layer in layers]
+
+
 class LatentAttention(nn.Module):
     """Causal multi-head latent attention (DeepSeek-V2/V3), computed with the keys and values expanded.
 
@@ -282,9 +292,11 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         h = self.n_heads
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_rank else self.wq(x)
+        q, kv_a = shared_input(x, [self.wq_a if self.q_rank else self.wq, self.wkv_a])
+        if self.q_rank:
+            q = self.wq_b(self.q_norm(q))
         q_nope, q_rope = q.view(b, s, h, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
-        latent, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_rank, self.rope], dim=-1)
         kv = self.wkv_b(self.kv_norm(latent)).view(b, s, h, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
         k_rope = rotary(k_rope.unsqueeze(1), self.theta).expand(b, h, s, self.rope)
