@@ -416,7 +416,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return self._forward(x, self._planned_plan(x), None)
+        return self._forward(x, self._plan_for(x), None)
 
     @staticmethod
     def shared_input(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -426,16 +426,21 @@ class Fp8Linear(nn.Linear):
         saves ``x``'s 128x1 layout once instead of once per layer. Attention's projections of one input
         (MLA's query and key/value latents) take it."""
         first = layers[0] if layers else None
-        if (len(layers) < 2 or any(type(layer) is not Fp8Linear or layer.recipe != first.recipe
-                                   or layer.in_features != first.in_features for layer in layers)):
+        if len(layers) < 2 or any(type(layer) is not Fp8Linear or layer.recipe != first.recipe
+                                  or layer.in_features != first.in_features or layer.weight.dtype != first.weight.dtype
+                                  for layer in layers):
             return [layer(x) for layer in layers]
         first._check_input(x)
-        plan = first._planned_plan(x)
+        plan = first._plan_for(x)
         if plan is None:  # an input the planned kernels do not take: the checking path, layer by layer
             return [layer(x) for layer in layers]
         wgrad = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers)
-        with torch.no_grad():  # FP8 bytes and scales: nothing to differentiate (each layer's backward does)
-            quantized = _quantize(x.detach().reshape(-1, x.shape[-1]), wgrad, first.recipe, plan)
+        try:
+            with torch.no_grad():  # FP8 bytes and scales: nothing to differentiate (each layer's backward does)
+                quantized = _quantize(x.detach().reshape(-1, x.shape[-1]), wgrad, first.recipe, plan)
+        except (ValueError, TypeError, BackendUnavailable) as exc:
+            raise _in_layer(first.describe(), f"forward of an input of shape {tuple(x.shape)} ({x.dtype})",
+                            exc) from exc
         return [layer._forward(x, plan, quantized) for layer in layers]
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -443,7 +448,7 @@ class Fp8Linear(nn.Linear):
             raise ValueError(f"{self.describe()}: the input must end in {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
 
-    def _planned_plan(self, x: torch.Tensor) -> _Plan | None:
+    def _plan_for(self, x: torch.Tensor) -> _Plan | None:
         """The kernels' plan for ``x``; None for an input the planned kernels do not take (empty, an unusual
         dtype), which goes through the public functions, whose checks name what is wrong."""
         if torch.compiler.is_compiling():
