@@ -145,7 +145,7 @@ def test_latent_attention_reads_its_input_once_with_the_same_results(monkeypatch
         x = torch.randn(2, 48, 128)
         dy = torch.randn(2, 48, 128)
 
-        def step():
+        def step(attn=attn, x=x, dy=dy):
             attn.zero_grad(set_to_none=True)
             xx = x.detach().requires_grad_(True)
             calls.clear()
