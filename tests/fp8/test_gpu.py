@@ -42,8 +42,9 @@ def _pairs(out):
 
 
 # 1000x1300: ragged edges; 2048x1408: sizes Triton's launch hints as divisible by 16, which change the
-# compiled stores (the transposing launch wrote wrong bytes with them, NOTES_gpu row 18)
-@pytest.mark.parametrize("shape", [(1000, 1300), (2048, 1408)], ids=lambda s: "x".join(map(str, s)))
+# compiled stores (the transposing launch wrote wrong bytes with them, NOTES_gpu row 18); 576x1344: hinted
+# and ragged (V2-Lite's wkv_a has 576 rows)
+@pytest.mark.parametrize("shape", [(1000, 1300), (2048, 1408), (576, 1344)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fn", QUANTIZERS, ids=lambda f: f.__name__)
@@ -62,7 +63,7 @@ def test_triton_quantizers_match_the_cpu_reference_bit_for_bit(fn, kind, pow2, s
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("rows", "cols", "groups"),
-                         [(1000, 1300, 1), (2048, 1408, 1), (3 * 256, 1300, 3), (64 * 128, 2048, 64)])
+                         [(1000, 1300, 1), (2048, 1408, 1), (576, 1344, 1), (3 * 256, 1300, 3), (64 * 128, 2048, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_128x128_with_its_transpose_matches_the_cpu_reference_bit_for_bit(rows, cols, groups, kind, dtype):
     from dualflow.fp8 import quantize_128x128_transposed
