@@ -21,8 +21,9 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
-A variant named twice runs twice (the second as ``fp8#2``): the run-to-run spread of its times, and
-whether its losses repeat (the JSON record keeps them at full precision).
+A variant named twice runs twice (the second as ``fp8#2``): the run-to-run spread of its times, and a
+line saying whether its per-step training losses repeat the first run's bit for bit (or where they
+first differ).
 ``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
 ``val loss`` is the validation loss after the last step (``--val-batches`` batches, 1 by default): with
 the same seed and data it compares the variants' quality, e.g. FP8 against BF16 after 300 steps
@@ -87,8 +88,20 @@ def summarize(metrics: Path, warmup: int) -> dict:
         "mfu": statistics.median(mfu) if mfu else None,
         "peak_mb": max(r.get("peak_memory_mb") or 0.0 for r in timed),
         "final_loss": steps[-1]["loss"],
+        "losses": [r["loss"] for r in steps],
         "val_loss": vals[-1]["val_loss"] if vals else None,  # at the last step (val_every = steps)
     }
+
+
+def compare_losses(first: list[float], again: list[float]) -> str:
+    """Whether a repeated run's per-step training losses are the first run's, bit for bit (JSON keeps the
+    float's shortest exact repr, so equal values are equal bits); else where they first differ."""
+    for step, (a, b) in enumerate(zip(first, again), start=1):
+        if a != b:
+            return f"first differs at step {step} ({a!r} against {b!r})"
+    if len(first) != len(again):
+        return f"the same over {min(len(first), len(again))} steps, then {len(first)} against {len(again)} steps"
+    return f"bit-identical over {len(first)} steps"
 
 
 def _run(config: Path, nproc: int, steps: int, extra: list[str], run_dir: Path, log: Path) -> None:
@@ -152,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(COLUMNS, title=f"training throughput: {config.name}, {nproc} process(es), {steps} steps, "
                                  f"medians after step {warmup}")
     rows = []
+    repeats = {}  # a repeated variant's label -> how its per-step losses compare with the first run's
+    losses = {}
     base = None
     with tempfile.TemporaryDirectory(prefix="dualflow-train-bench-") as tmp:
         root = args.keep or Path(tmp)
@@ -169,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 s = summarize(run_dir / "metrics.jsonl", warmup)
                 if args.profile:
                     _show_profile(name, run_dir / "profile-rank0.txt")
+            if "losses" in s:
+                if name in losses:
+                    repeats[label] = compare_losses(losses[name], s["losses"])
+                else:
+                    losses[name] = s["losses"]
             base = base or s["tokens_per_s"]
             row = {"variant": label, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
@@ -177,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             table.add(**row)
             rows.append(row)
     table.print()
+    for label, verdict in repeats.items():
+        print(f"{label}: training losses {verdict} against {label.split('#')[0]}")
     if args.json:
         write_record(args.json, "train_throughput", rows, config=str(config), nproc=nproc, steps=steps,
-                     warmup=warmup, smoke=args.smoke)
+                     warmup=warmup, smoke=args.smoke, repeats=repeats)
     return 0
 
 

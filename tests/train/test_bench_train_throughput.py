@@ -40,6 +40,14 @@ def test_summary_leaves_the_warmup_out(tmp_path):
         _module().summarize(path, warmup=0)
 
 
+def test_repeated_runs_are_compared_step_by_step():
+    compare = _module().compare_losses
+    assert compare([3.0, 2.5, 2.25], [3.0, 2.5, 2.25]) == "bit-identical over 3 steps"
+    assert compare([3.0, 2.5, 2.25], [3.0, 2.5000000000000004, 2.25]) == (
+        "first differs at step 2 (2.5 against 2.5000000000000004)")
+    assert compare([3.0, 2.5], [3.0]) == "the same over 1 steps, then 2 against 1 steps"
+
+
 @pytest.mark.slow
 def test_smoke_run_of_two_variants(tmp_path):
     out = tmp_path / "bench.jsonl"
@@ -52,6 +60,8 @@ def test_smoke_run_of_two_variants(tmp_path):
     assert [r["variant"] for r in rows] == ["base", "fp8-serial", "base#2"]
     # a variant named again ran again, in its own directory, and the same run repeats its losses
     assert rows[2]["final loss"] == rows[0]["final loss"] and rows[2]["val loss"] == rows[0]["val loss"]
+    assert "base#2: training losses bit-identical over 4 steps against base" in proc.stdout
+    assert record["meta"]["repeats"] == {"base#2": "bit-identical over 4 steps"}
     assert rows[0]["ratio"] == 1.0 and all(r["tokens/s"] > 0 and r["step ms"] > 0 for r in rows)
     assert "training throughput: tiny_moe.toml, 2 process(es)" in proc.stdout
     # each variant really ran with its overrides: FP8 layers converted only in the second
