@@ -27,7 +27,8 @@ first differ).
 ``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
 ``val loss`` is the validation loss after the last step (``--val-batches`` batches, 1 by default): with
 the same seed and data it compares the variants' quality, e.g. FP8 against BF16 after 300 steps
-(``--steps 300 --val-batches 8 --variants base,fp8``).
+(``--steps 300 --val-batches 8 --variants base,fp8``); ``val gap`` is it relative to the first variant's
+(the quality target's measure: a loss near 1 needs more digits than the loss column shows).
 ``--profile`` profiles one step after the warm-up of each dualflow variant and prints where its time
 went (host vs device, top kernels; train/profile.py); the full text stays in the run directory.
 No variant writes a checkpoint (``checkpoint.enabled = false``): a model of this size with its optimizer
@@ -69,7 +70,7 @@ VARIANTS = {
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
-COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss", "val loss"]
+COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss", "val loss", "val gap"]
 
 
 def summarize(metrics: Path, warmup: int) -> dict:
@@ -91,6 +92,13 @@ def summarize(metrics: Path, warmup: int) -> dict:
         "losses": [r["loss"] for r in steps],
         "val_loss": vals[-1]["val_loss"] if vals else None,  # at the last step (val_every = steps)
     }
+
+
+def val_gap(val: float | None, base: float | None) -> str:
+    """``val`` relative to ``base`` as a signed percentage with two decimals (``-`` where either is missing)."""
+    if val is None or base is None or base == 0:
+        return "-"
+    return f"{100 * (val - base) / base:+.2f}%"
 
 
 def compare_losses(first: list[float], again: list[float]) -> str:
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     repeats = {}  # a repeated variant's label -> how its per-step losses compare with the first run's
     losses = {}
-    base = None
+    base = base_val = None
     with tempfile.TemporaryDirectory(prefix="dualflow-train-bench-") as tmp:
         root = args.keep or Path(tmp)
         for i, name in enumerate(variants):
@@ -190,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     losses[name] = s["losses"]
             base = base or s["tokens_per_s"]
+            val = s.get("val_loss")
+            base_val = base_val if base_val is not None else val
             row = {"variant": label, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
                    "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
                    "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
-                   "final loss": s["final_loss"], "val loss": "-" if s.get("val_loss") is None else s["val_loss"]}
+                   "final loss": s["final_loss"], "val loss": "-" if val is None else val,
+                   "val gap": val_gap(val, base_val)}
             table.add(**row)
             rows.append(row)
     table.print()

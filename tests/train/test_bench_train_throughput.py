@@ -40,6 +40,12 @@ def test_summary_leaves_the_warmup_out(tmp_path):
         _module().summarize(path, warmup=0)
 
 
+def test_val_gap_is_relative_to_the_first_variant():
+    gap = _module().val_gap
+    assert gap(1.1366, 1.1644) == "-2.39%" and gap(1.17, 1.1644) == "+0.48%" and gap(2.0, 2.0) == "+0.00%"
+    assert gap(None, 1.0) == gap(1.0, None) == "-"
+
+
 def test_repeated_runs_are_compared_step_by_step():
     compare = _module().compare_losses
     assert compare([3.0, 2.5, 2.25], [3.0, 2.5, 2.25]) == "bit-identical over 3 steps"
@@ -60,6 +66,7 @@ def test_smoke_run_of_two_variants(tmp_path):
     assert [r["variant"] for r in rows] == ["base", "fp8-serial", "base#2"]
     # a variant named again ran again, in its own directory, and the same run repeats its losses
     assert rows[2]["final loss"] == rows[0]["final loss"] and rows[2]["val loss"] == rows[0]["val loss"]
+    assert rows[0]["val gap"] == rows[2]["val gap"] == "+0.00%" and rows[1]["val gap"].endswith("%")
     assert "base#2: training losses bit-identical over 4 steps against base" in proc.stdout
     assert record["meta"]["repeats"] == {"base#2": "bit-identical over 4 steps"}
     assert rows[0]["ratio"] == 1.0 and all(r["tokens/s"] > 0 and r["step ms"] > 0 for r in rows)
