@@ -108,8 +108,8 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
 # The transposing launch of a weight whose rows or columns are not whole tiles compiles without the size
 # hints. The hinted launch was verified on an H200 on whole tiles only, and it is the hints that miscompiled
 # before (the comment in the kernel); unhinted, this launch was right on ragged shapes (with the earlier
-# store; the GPU test at 576x1344 checks this one). Such weights are few and small (V2-Lite's wkv_a, 576
-# rows), so the unhinted code costs nothing that shows.
+# store; the GPU test at 576x1344 checks this one). Such weights are few (V2-Lite's wkv_a, 576 rows, and
+# its dense w2, 10,944 columns), so the unhinted code costs nothing that shows.
 _quant_kernel_ragged_t = triton.jit(do_not_specialize=["R", "C", "GROUP_ROWS"])(_quant_kernel.fn)
 
 
