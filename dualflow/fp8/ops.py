@@ -41,7 +41,7 @@ import torch
 
 from dualflow.fp8.gemm import run_dense, run_dense_first, run_grouped
 from dualflow.fp8.moe import run_grouped_wgrad, run_swiglu_backward_quantize, run_swiglu_quantize
-from dualflow.fp8.quant import BLOCK, FP8_DTYPE, empty_scales, run_quantize_128x128_transposed, run_quantizer
+from dualflow.fp8.quant import BLOCK, FP8_DTYPE, empty_scales, run_quantizer
 
 # the registration of the namespace: made once, when this module is first imported (dualflow.fp8 imports it)
 _LIB = torch.library.Library("dualflow", "DEF")
@@ -86,7 +86,7 @@ def _q128x128_fake(x, pow2_scales, backend):
 
 
 def _q128x128_t(x, pow2_scales, backend, groups):
-    return run_quantize_128x128_transposed(x, pow2_scales, backend, groups)
+    return run_quantizer(x, False, False, True, pow2_scales, backend, transposed_groups=groups)
 
 
 def _q128x128_t_fake(x, pow2_scales, backend, groups):

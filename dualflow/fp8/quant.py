@@ -113,17 +113,19 @@ def _as_m_major(s: torch.Tensor) -> torch.Tensor:
 
 
 def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool, pow2_scales: bool, backend: str,
-                  m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
+                  m_major: bool = False, transposed_groups: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """``(q, scales, qt, scales_t)`` of the layouts asked for (``None`` for the others), unvalidated: the
     implementation behind the operators of :mod:`dualflow.fp8.ops`. ``backend`` is resolved when it is not
-    already ``reference`` or ``triton``; ``m_major`` applies to the 1x128 scales only."""
+    already ``reference`` or ``triton``; ``m_major`` applies to the 1x128 scales only; ``transposed_groups``
+    (the 128x128 layout alone) also gives each row group's blocks transposed as ``qt, scales_t``
+    (:func:`quantize_128x128_transposed`)."""
     if backend not in ("reference", "triton"):
         backend = resolve_quant_backend(backend, x.device)
     if backend == "triton":
         from dualflow.fp8.kernels.quant import quantize as _triton
 
         return _triton(x, rowwise=rowwise, colwise=colwise, blockwise=blockwise, pow2_scales=pow2_scales,
-                       m_major=m_major)
+                       m_major=m_major, transposed_groups=transposed_groups)
     q = s = qt = st = None
     if rowwise or blockwise:
         q, s = _reference(x, BLOCK if blockwise else 1, pow2_scales)
@@ -133,6 +135,8 @@ def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool
         qt, st = _reference(x.t(), 1, pow2_scales)
         if m_major:
             st = _as_m_major(st)
+    if transposed_groups is not None:
+        qt, st = transposed_blocks(q, s, transposed_groups)
     return q, s, qt, st
 
 
@@ -157,21 +161,6 @@ def transposed_blocks(q: torch.Tensor, scales: torch.Tensor, groups: int) -> tup
     qt = q.view(groups, group_rows, cols).transpose(1, 2).clone(memory_format=torch.contiguous_format)
     st = scales.reshape(groups, group_blocks, col_blocks).transpose(1, 2).clone(memory_format=torch.contiguous_format)
     return qt.view(groups * cols, group_rows), st.view(groups * col_blocks, group_blocks)
-
-
-def run_quantize_128x128_transposed(x: torch.Tensor, pow2_scales: bool, backend: str,
-                                    groups: int) -> tuple[torch.Tensor, ...]:
-    """``(q, scales, qt, scales_t)`` of :func:`quantize_128x128_transposed`, unvalidated: the implementation
-    behind its operator."""
-    if backend not in ("reference", "triton"):
-        backend = resolve_quant_backend(backend, x.device)
-    if backend == "triton":
-        from dualflow.fp8.kernels.quant import quantize as _triton
-
-        return _triton(x, rowwise=False, colwise=False, blockwise=True, pow2_scales=pow2_scales,
-                       transposed_groups=groups)
-    q, s = _reference(x, BLOCK, pow2_scales)
-    return (q, s, *transposed_blocks(q, s, groups))
 
 
 # ----------------------------------------------------------------------------------------------------------
