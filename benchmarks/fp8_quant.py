@@ -105,22 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     for shape, fn in cases:
         ops.setdefault(shape, []).append(fn)
     for (r, c), fns in ops.items():
-        # the copy and every quantizer of a shape timed interleaved, so that clock drift reaches all alike
         x = torch.randn(r, c, device=device, dtype=torch.bfloat16)
         y = torch.empty_like(x)
-        calls = {("copy (bf16)", "torch"): lambda x=x, y=y: y.copy_(x)}
-        calls.update({(fn.__name__, backend): lambda fn=fn, backend=backend, x=x: fn(x, backend=backend)
+        calls = {("copy (bf16)", "torch"): (lambda x=x, y=y: y.copy_(x), 2 * x.nbytes)}
+        calls.update({(fn.__name__, backend): (lambda fn=fn, backend=backend, x=x: fn(x, backend=backend),
+                                               x.nbytes + _out_bytes(fn.__name__, r, c))
                       for fn in fns for backend in backends})
-        keys = {f"{op}/{backend}": (op, backend) for op, backend in calls}
-        times = time_fns({key: graphed(calls[k]) for key, k in keys.items()}, warmup=warmup, repeat=repeat,
-                         device=device)
-        copy_gbs[(r, c)] = 2 * x.nbytes / times["copy (bf16)/torch"].median / 1e9
-        for key, (op, backend) in keys.items():
-            t = times[key].median
-            moved = 2 * x.nbytes if op.startswith("copy") else x.nbytes + _out_bytes(op, r, c)
-            gbs = moved / t / 1e9
-            table.add(shape=f"{r}x{c}", op=op, backend=backend, ms=t * 1e3,
-                      **{"GB/s": gbs, "of copy": gbs / copy_gbs[(r, c)]})
+        copy_gbs[(r, c)] = _add_rows(table, {"shape": f"{r}x{c}"}, calls, graphed, warmup, repeat, device)
     table.print()
     if args.json:
         write_record(args.json, "fp8_quant", table.rows, smoke=args.smoke, backends=backends, repeat=repeat,
@@ -157,16 +148,24 @@ def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup:
             calls[("quantize_128x128 + transposing copy", backend)] = (
                 lambda w=w, g=g, r=r, c=c, b=backend:
                 quantize_128x128(w, backend=b)[0].view(g, r, c).transpose(1, 2).contiguous(), w.nbytes + out)
-        keys = {f"{op}/{backend}": (op, backend) for op, backend in calls}
-        times = time_fns({key: graphed(calls[k][0]) for key, k in keys.items()}, warmup=warmup, repeat=repeat,
-                         device=device)
-        copy = 2 * w.nbytes / times["copy (fp32)/torch"].median
-        for key, (op, backend) in keys.items():
-            t = times[key].median
-            gbs = calls[(op, backend)][1] / t
-            table.add(weight=f"{g}x{r}x{c}", op=op, backend=backend, ms=t * 1e3,
-                      **{"GB/s": gbs / 1e9, "of copy": gbs / copy})
+        _add_rows(table, {"weight": f"{g}x{r}x{c}"}, calls, graphed, warmup, repeat, device)
     return table
+
+
+def _add_rows(table: Table, label: dict, calls: dict, graphed, warmup: int, repeat: int,
+              device: torch.device) -> float:
+    """Time ``calls`` (``{(op, backend): (fn, bytes moved)}``, the copy first) interleaved, so that clock
+    drift reaches all alike; add a row each, its GB/s beside the copy's; returns the copy's GB/s."""
+    keys = {f"{op}/{backend}": (op, backend) for op, backend in calls}
+    times = time_fns({key: graphed(calls[k][0]) for key, k in keys.items()}, warmup=warmup, repeat=repeat,
+                     device=device)
+    copy_gbs = None
+    for key, (op, backend) in keys.items():
+        t = times[key].median
+        gbs = calls[(op, backend)][1] / t / 1e9
+        copy_gbs = copy_gbs or gbs  # the first call is the copy
+        table.add(**label, op=op, backend=backend, ms=t * 1e3, **{"GB/s": gbs, "of copy": gbs / copy_gbs})
+    return copy_gbs
 
 
 def _sweep(shape: tuple[int, int], device: torch.device, timed, copy_gbs: dict) -> Table:
