@@ -46,6 +46,14 @@ def adversarial(rows: int, cols: int, kind: str, dtype: torch.dtype = torch.floa
     return x.to(dtype)
 
 
+def assert_bitwise(want: torch.Tensor, got: torch.Tensor) -> None:
+    """The same dtype, shape and bits (NaN payloads and the sign of zero included): what two runs of the same
+    kernels on the same operands must give."""
+    assert want.dtype == got.dtype and want.shape == got.shape, (want.dtype, got.dtype, want.shape, got.shape)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
+    assert torch.equal(want.contiguous().view(bits), got.contiguous().view(bits))
+
+
 def assert_same_fp8(a: torch.Tensor, b: torch.Tensor) -> None:
     """Equal E4M3 bytes, NaN codes (either sign) counting as equal to each other."""
     assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)

@@ -14,16 +14,9 @@ import pytest
 import torch
 
 from dualflow.fp8 import Fp8GroupedLinear, Fp8Linear, Fp8Recipe, fp8_grouped_mlp
-from tests.fp8.helpers import adversarial
+from tests.fp8.helpers import adversarial, assert_bitwise
 
 REF = Fp8Recipe(backend="reference", quant_backend="reference")
-
-
-def _same(want: torch.Tensor, got: torch.Tensor) -> None:
-    # bitwise, NaN included (the same kernels produce the same NaN); -0.0 and 0.0 differ too
-    assert want.dtype == got.dtype and want.shape == got.shape
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[want.element_size()]
-    assert torch.equal(want.contiguous().view(bits), got.contiguous().view(bits))
 
 
 def _linear_step(module, x, dy):
@@ -54,7 +47,7 @@ def _traced_like_eager(fn, step, *args) -> None:
     assert explain.graph_break_count == 0, explain.break_reasons
     torch.compiler.reset()
     for w, g in zip(want, step(torch.compile(fn, fullgraph=True, backend="aot_eager"))):
-        _same(w, g)
+        assert_bitwise(w, g)
 
 
 @pytest.mark.parametrize("shape,kind,bias", [
@@ -73,7 +66,7 @@ def test_fp8_linear_aot_eager_is_bitwise_eager(shape, kind, bias):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = _linear_step(compiled, x, dy)
     for w, g in zip(want, got):
-        _same(w, g)
+        assert_bitwise(w, g)
     assert layer.fp8_cache.builds == 1  # the traced layer quantizes its weight in the graph, not in the cache
 
 
@@ -99,7 +92,7 @@ def test_fp8_linear_inductor_matches_eager():
     torch.compiler.reset()
     got = _linear_step(torch.compile(layer, fullgraph=True, backend="inductor"), x, dy)
     for w, g in zip(want[:3], got[:3]):  # the FP8 kernels' results: the same operators on the same operands
-        _same(w, g)
+        assert_bitwise(w, g)
     # the bias gradient, a sum of 192 FP32 rows in another order: |error| <= rows * eps * sum |dy|
     bound = dy.shape[0] * dy.shape[1] * torch.finfo(torch.float32).eps * dy.abs().sum((0, 1))
     assert ((want[3] - got[3]).abs() <= bound).all()
@@ -162,7 +155,7 @@ def test_lean_eager_path_equals_the_validated_path():
                            None)
     y.backward(dy)
     for w, g in zip(want, [y, xx.grad, layer.weight.grad, layer.bias.grad]):
-        _same(w, g)
+        assert_bitwise(w, g)
     with pytest.raises(TypeError, match=r"^Fp8Linear \(in 256, out 128\), forward of an input of shape \(4, 256\) "
                                         r"\(torch.float64\): quantize_1x128_and_128x1 expects float32"):
         layer(torch.randn(4, 256, dtype=torch.float64))
@@ -187,7 +180,7 @@ def test_compiled_layer_reads_its_snapshot_which_refreshes_in_place(quant_backen
         x = torch.randn(200, 256)
         want, got = _linear_step(eager, x, torch.ones(200, 128)), _linear_step(compiled, x, torch.ones(200, 128))
         for w, g in zip(want, got):
-            _same(w, g)
+            assert_bitwise(w, g)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -199,7 +192,7 @@ def test_compiled_layer_reads_its_snapshot_which_refreshes_in_place(quant_backen
     x = torch.randn(200, 256)
     assert not torch.equal(compiled(x), eager(x))
     refresh_fp8_snapshots(layer)
-    _same(eager(x), compiled(x))
+    assert_bitwise(eager(x), compiled(x))
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (3, 256, 130), (2, 200, 256), (0, 256, 384)],
@@ -216,4 +209,4 @@ def test_snapshot_refresh_rewrites_the_same_storage(shape):
     snap.refresh(w, recipe)
     assert [t.data_ptr() for t in snap.tensors] == storage
     for got, want in zip(snap.tensors, quantize_weight(w, Fp8Recipe(quant_backend="reference"), transposed=True)):
-        _same(want, got)
+        assert_bitwise(want, got)

@@ -13,7 +13,7 @@ from dualflow.fp8 import (
     convert_to_fp8,
     invalidate_fp8_caches,
 )
-from tests.fp8.helpers import sqnr_db
+from tests.fp8.helpers import assert_bitwise, sqnr_db
 
 
 def _pair(in_f=256, out_f=384, bias=True, seed=0, dtype=torch.bfloat16):
@@ -275,8 +275,8 @@ def test_quantize_weight_writes_each_experts_transpose(shape):
     q, s = quantize_weight(w, recipe)
     with_t = quantize_weight(w, recipe, transposed=True)
     assert len(with_t) == 4
-    assert torch.equal(with_t[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(with_t[1], s)
+    assert_bitwise(q, with_t[0])
+    assert_bitwise(s, with_t[1])
     made = _Fp8Weight(q, s).transposed()  # the transposing copy it replaces
     for got, want in zip(with_t[2:], made):
-        assert got.shape == want.shape and torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got,
-                                                       want.view(torch.uint8) if want.dtype != torch.float32 else want)
+        assert_bitwise(want, got)

@@ -14,7 +14,8 @@ from torch import nn
 
 import dualflow.fp8.nn as fp8_nn
 from dualflow.fp8 import Fp8Linear, Fp8Recipe, convert_to_fp8
-from tests.fp8.test_compile import _input, _same, _traced_like_eager
+from tests.fp8.helpers import assert_bitwise
+from tests.fp8.test_compile import _input, _traced_like_eager
 from tests.fp8.test_nn import _SavedBytes
 
 REF = Fp8Recipe(backend="reference", quant_backend="reference")
@@ -54,7 +55,7 @@ def test_shared_input_is_the_separate_calls_bit_for_bit(shape, kind, recipe):
     got = _step(layers, x, dys, shared=True)
     assert len(want) == len(got) == 3 + 1 + 5
     for w, g in zip(want, got):
-        _same(w, g)
+        assert_bitwise(w, g)
 
 
 def test_a_frozen_layer_and_no_grad():
@@ -62,10 +63,10 @@ def test_a_frozen_layer_and_no_grad():
     layers[1].weight.requires_grad_(False)
     x, dys = torch.randn(96, 256), [torch.randn(96, 144), torch.randn(96, 64)]
     for w, g in zip(_step(layers, x, dys, shared=False), _step(layers, x, dys, shared=True)):
-        _same(w, g)
+        assert_bitwise(w, g)
     with torch.no_grad():
         for w, g in zip([layer(x) for layer in layers], Fp8Linear.shared_input(x, layers)):
-            _same(w, g)
+            assert_bitwise(w, g)
 
 
 def test_the_input_is_quantized_once_and_its_128x1_layout_saved_once(monkeypatch):
@@ -100,14 +101,14 @@ def test_layers_that_cannot_share_are_called_one_by_one(monkeypatch):
     for group in ([a, other], [a, plain], [a]):
         calls.clear()
         for w, g in zip([layer(x) for layer in group], Fp8Linear.shared_input(x, group)):
-            _same(w, g)
+            assert_bitwise(w, g)
     assert Fp8Linear.shared_input(x, []) == []
     # an input the planned kernels do not take goes through each layer's checking path, which names it
     with pytest.raises(ValueError, match=r"Fp8Linear \(in 256, out 144\).*input must end in 256 features"):
         Fp8Linear.shared_input(torch.randn(4, 255), [a, b])
     empty = torch.randn(0, 256)
     for w, g in zip([a(empty), b(empty)], Fp8Linear.shared_input(empty, [a, b])):
-        _same(w, g)
+        assert_bitwise(w, g)
 
 
 def test_shared_input_compiles_without_a_break_and_matches_eager():
@@ -161,4 +162,4 @@ def test_latent_attention_reads_its_input_once_with_the_same_results(monkeypatch
             reads, want = step()
         assert reads == 2
         for w, g in zip(want, got):
-            _same(w, g)
+            assert_bitwise(w, g)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dualflow.train.trainer import Trainer
+from tests.fp8.helpers import assert_bitwise
 from tests.train.helpers import tiny
 
 
@@ -73,5 +73,4 @@ def test_compiled_fp8_training_keeps_its_weight_snapshots_fresh(tmp_path):
     for weight, recipe, snapshot in pairs:  # refreshed after the last optimizer step: the current weights'
         assert snapshot.refreshes == 3  # made, then one refresh per step
         for got, want in zip(snapshot.tensors, quantize_weight(weight, recipe, transposed=True)):
-            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got,
-                               want.view(torch.uint8) if want.dtype != torch.float32 else want)
+            assert_bitwise(want, got)
