@@ -105,14 +105,6 @@ def _quant_kernel(x_ptr, R, C, sxr, sxc,
                      scale)
 
 
-# The transposing launch of a weight whose rows or columns are not whole tiles compiles without the size
-# hints. The hinted launch was verified on an H200 on whole tiles only, and it is the hints that miscompiled
-# before (the comment in the kernel); unhinted, this launch was right on ragged shapes (with the earlier
-# store; the GPU test at 576x1344 checks this one). Such weights are few (V2-Lite's wkv_a, 576 rows, and
-# its dense w2, 10,944 columns), so the unhinted code costs nothing that shows.
-_quant_kernel_ragged_t = triton.jit(do_not_specialize=["R", "C", "GROUP_ROWS"])(_quant_kernel.fn)
-
-
 def _describe(t: torch.Tensor, device: torch.device) -> str:
     return f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {device}"
 
@@ -192,8 +184,7 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, blockwise: bool, 
         return q, s, qt, st
     first = q if q is not None else qt  # stand-ins for the outputs a mode does not write
     first_s = s if s is not None else st
-    ragged_t = transposed_groups is not None and (rows % BLOCK or cols % BLOCK)
-    (_quant_kernel_ragged_t if ragged_t else _quant_kernel)[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
+    _quant_kernel[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
         x, rows, cols, x.stride(0), x.stride(1),
         first, first_s, cols, first_s.stride(0), first_s.stride(1),
         qt if qt is not None else first, st if st is not None else first_s, rows,
