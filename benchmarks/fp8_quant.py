@@ -1,6 +1,6 @@
 """FP8 quantization bandwidth: every quantizer beside a device-to-device copy of the same input.
 
-    python benchmarks/fp8_quant.py [--smoke] [--json PATH] [--backends triton,reference] [--repeat N]
+    python benchmarks/fp8_quant.py [--smoke] [--json PATH] [--backends cuda,triton,reference] [--repeat N]
                                    [--shape ROWS COLS ...] [--weights] [--sweep]
 
 GB/s = bytes moved / median time (1 GB = 1e9 bytes): the BF16 input read once, every FP8 byte and FP32
@@ -10,7 +10,8 @@ Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 184
 weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them with the shapes given, every
 quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row
 times CUDA graph replays (as fp8_gemm.py does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes
-on whatever device there is.
+on whatever device there is. The ``cuda`` backend (where the CUDA library is built) has a row of its own
+for the fused 1x128+128x1 layout only: its other layouts are Triton's kernels.
 ``--weights`` adds a table of FP32 master weights quantized as the FP8 layers do, 128x128 blocks with the
 transposed copy the input gradient reads (``quantize_128x128_transposed``, per expert for stacked experts),
 beside the 128x128 quantization followed by a transposing copy (what it replaced) and an FP32 copy: the
@@ -34,6 +35,7 @@ if (Path(__file__).resolve().parents[1] / "dualflow").is_dir():  # a checkout (i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualflow.fp8 import (
+    cuda_quant,
     quantize_1x128,
     quantize_1x128_and_128x1,
     quantize_128x1,
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few runs (seconds on a CPU)")
     parser.add_argument("--json", type=Path, help="append the rows as a JSON record to this file")
-    parser.add_argument("--backends", help="quantization backends (default: triton and reference on a GPU, "
-                                           "reference on a CPU)")
+    parser.add_argument("--backends", help="quantization backends (default: cuda where the CUDA library is built, "
+                                           "triton and reference on a GPU; reference on a CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per row (default 50, smoke 2)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         backends = [b.strip() for b in args.backends.split(",")]
     else:
         backends = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+        if device.type == "cuda" and cuda_quant.unavailable_reason(device) is None:
+            backends.insert(0, "cuda")  # the CUDA library's fused activation quantizer
     repeat = args.repeat or (2 if args.smoke else 50)
     warmup = 1 if args.smoke else 5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = {("copy (bf16)", "torch"): (lambda x=x, y=y: y.copy_(x), 2 * x.nbytes)}
         calls.update({(fn.__name__, backend): (lambda fn=fn, backend=backend, x=x: fn(x, backend=backend),
                                                x.nbytes + _out_bytes(fn.__name__, r, c))
-                      for fn in fns for backend in backends})
+                      for fn in fns for backend in backends if _runs(fn.__name__, backend)})
         copy_gbs[(r, c)] = _add_rows(table, {"shape": f"{r}x{c}"}, calls, graphed, warmup, repeat, device)
     table.print()
     if args.json:
@@ -132,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _runs(op: str, backend: str) -> bool:
+    # the cuda backend has its own kernel for the fused layout only (Triton's for the others: no own row)
+    return backend != "cuda" or op == "quantize_1x128_and_128x1"
+
+
 def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup: int, repeat: int) -> Table:
     """FP32 weight stacks ``[G*R, C]``: 128x128 blocks and each expert's transpose from one call, against the
     blocks followed by a transposing copy, and an FP32 copy (interleaved, per stack)."""
@@ -141,7 +150,7 @@ def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup:
         y = torch.empty_like(w)
         out = 2 * g * r * c + 2 * 4 * g * num_blocks(r) * num_blocks(c)  # q and qt, their scales
         calls = {("copy (fp32)", "torch"): (lambda w=w, y=y: y.copy_(w), 2 * w.nbytes)}
-        for backend in backends:
+        for backend in filter(lambda b: _runs("quantize_128x128", b), backends):
             calls[("quantize_128x128_transposed", backend)] = (
                 lambda w=w, g=g, b=backend: quantize_128x128_transposed(w, groups=g, backend=b), w.nbytes + out)
             # what it replaced: the blocks, then the transpose of each expert's block by a copy

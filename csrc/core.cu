@@ -39,7 +39,8 @@ __global__ void fill_u32_kernel(uint32_t* __restrict__ out, int64_t n, uint32_t 
 extern "C" {
 
 // 2: dualflow_cutlass_grouped_gemm takes the `errors` record of malformed offsets
-int dualflow_abi_version(void) { return 2; }
+// 3: dualflow_quantize_1x128_128x1
+int dualflow_abi_version(void) { return 3; }
 
 const char* dualflow_last_error(void) { return dualflow::g_last_error.c_str(); }
 

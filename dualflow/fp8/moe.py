@@ -30,7 +30,7 @@ from dualflow.fp8.recipe import Fp8Recipe
 
 def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
     # the quantization backend decides, as for the quantizers (Triton on sm_89+ CUDA devices for "auto")
-    return resolve_quant_backend(recipe.quant_backend, x.device) == "triton"
+    return resolve_quant_backend(recipe.quant_backend, x.device) in ("triton", "cuda")
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,7 @@ class Fp8WeightSnapshot:
             w = weight.detach()
             if self.tensors is None or not self._fits(w):
                 self.tensors = quantize_weight(w, recipe, transposed=True)
-            elif resolve_quant_backend(recipe.quant_backend, w.device) == "triton":
+            elif resolve_quant_backend(recipe.quant_backend, w.device) in ("triton", "cuda"):
                 self._write(w, recipe)
             else:
                 for mine, fresh in zip(self.tensors, quantize_weight(w, recipe, transposed=True)):
@@ -243,7 +243,7 @@ def _in_layer(layer: str, what: str, exc: Exception) -> Exception:
 class _Plan(NamedTuple):
     """What a layer's recipe resolves to on a device, worked out once instead of at every call."""
 
-    quant: str  # the quantization backend: "reference" or "triton"
+    quant: str  # the quantization backend: "reference", "triton" or "cuda"
     gemm: str | None  # the dense GEMM backend tried first (None: every call resolves recipe.backend itself)
     m_major: bool  # 1x128 scales quantized straight into the layout torch's scaled matmul reads
 

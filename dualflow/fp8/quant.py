@@ -49,7 +49,7 @@ FP8_MAX = 448.0
 # of the FP8 training loss drifting above BF16's (benchmarks/RESULTS.md, 2026-12-02).
 AMAX_FLOOR = 1e-30
 
-QuantBackend = Literal["auto", "reference", "triton"]
+QuantBackend = Literal["auto", "reference", "triton", "cuda"]
 Quantized = tuple[torch.Tensor, torch.Tensor]
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,8 +119,14 @@ def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool
     already ``reference`` or ``triton``; ``m_major`` applies to the 1x128 scales only; ``transposed_groups``
     (the 128x128 layout alone) also gives each row group's blocks transposed as ``qt, scales_t``
     (:func:`quantize_128x128_transposed`)."""
-    if backend not in ("reference", "triton"):
+    if backend not in ("reference", "triton", "cuda"):
         backend = resolve_quant_backend(backend, x.device)
+    if backend == "cuda":
+        from dualflow.fp8 import cuda_quant
+
+        if transposed_groups is None and cuda_quant.why_not(x, rowwise, colwise, blockwise) is None:
+            return (*cuda_quant.quantize_1x128_and_128x1(x, pow2_scales, m_major),)
+        backend = "triton"  # the layouts and inputs the CUDA kernel does not cover
     if backend == "triton":
         from dualflow.fp8.kernels.quant import quantize as _triton
 
@@ -169,19 +175,26 @@ def transposed_blocks(q: torch.Tensor, scales: torch.Tensor, groups: int) -> tup
 def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
     """The quantization backend ``backend`` selects on ``device``: ``auto`` is ``triton`` where its kernels run
     on a CUDA device (:mod:`dualflow.fp8.triton_support`: compute capability 8.9+) and ``reference``
-    otherwise; ``triton`` where it cannot run raises ``RuntimeError`` with the reason."""
+    otherwise; ``triton`` or ``cuda`` where it cannot run raises ``RuntimeError`` with the reason.
+
+    ``cuda`` is the project's CUDA library for the fused 1x128+128x1 quantization of 16-bit activations
+    (:mod:`dualflow.fp8.cuda_quant`) and Triton's kernels for every other layout and input; it needs both."""
     device = torch.device(device)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
     if backend == "reference":
         return backend
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         reason = triton_unavailable_reason(device)
+        if reason is None and backend == "cuda":
+            from dualflow.fp8.cuda_quant import unavailable_reason
+
+            reason = unavailable_reason(device)
         if reason is not None:
-            raise RuntimeError(f"quantization backend 'triton' cannot run here: {reason}. Use backend='reference' "
-                               "or 'auto'.")
+            raise RuntimeError(f"quantization backend {backend!r} cannot run here: {reason}. Use "
+                               "backend='reference' or 'auto'.")
         return backend
-    raise ValueError(f"unknown quantization backend {backend!r}; expected 'auto', 'reference' or 'triton'")
+    raise ValueError(f"unknown quantization backend {backend!r}; expected 'auto', 'reference', 'triton' or 'cuda'")
 
 
 def _resolve(backend: str, x: torch.Tensor) -> str:

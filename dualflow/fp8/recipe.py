@@ -22,7 +22,8 @@ class Fp8Recipe:
     - ``high_precision``: ``fnmatch`` patterns of qualified module names that :func:`convert_to_fp8` leaves
       in high precision (embedding, output head, router/gate, normalization).
     - ``backend``: GEMM backend for :func:`dualflow.fp8.fp8_gemm` (a name, a comma list, or ``"auto"``).
-    - ``quant_backend``: quantization backend (``"auto"``, ``"reference"``, ``"triton"``).
+    - ``quant_backend``: quantization backend (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``: see
+      :func:`dualflow.fp8.quant.resolve_quant_backend`).
     - ``wgrad_backend``: the kernel of the routed experts' weight gradients (grouped along the tokens):
       ``"cutlass"``, ``"triton"``, or ``"auto"``: whichever of the two ``backend`` names first (CUTLASS's
       in the default order), Triton's where CUTLASS cannot run (:func:`dualflow.fp8.moe.wgrad_backend`).
@@ -42,8 +43,9 @@ class Fp8Recipe:
         names = [s.strip() for s in self.backend.split(",")]
         if self.backend != "auto" and not all(n in BACKENDS for n in names):
             raise ValueError(f"backend must be 'auto', one of {BACKENDS} or a comma list of them, got {self.backend!r}")
-        if self.quant_backend not in ("auto", "reference", "triton"):
-            raise ValueError(f"quant_backend must be 'auto', 'reference' or 'triton', got {self.quant_backend!r}")
+        if self.quant_backend not in ("auto", "reference", "triton", "cuda"):
+            raise ValueError("quant_backend must be 'auto', 'reference', 'triton' or 'cuda', "
+                             f"got {self.quant_backend!r}")
         if self.wgrad_backend not in WGRAD_BACKENDS:
             raise ValueError(f"wgrad_backend must be one of {WGRAD_BACKENDS}, got {self.wgrad_backend!r}")
         if isinstance(self.high_precision, str):

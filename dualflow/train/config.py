@@ -28,6 +28,9 @@ class RunConfig:
     # fp8_wgrad_backend: the routed experts' weight-gradient kernel (Fp8Recipe.wgrad_backend: "auto",
     # "cutlass", "triton")
     fp8_wgrad_backend: str = "auto"
+    # fp8_quant_backend: the quantizers (Fp8Recipe.quant_backend: "auto", "triton", "cuda" = the CUDA
+    # library's fused activation quantizer with Triton for the rest, "reference")
+    fp8_quant_backend: str = "auto"
     # fp8_weight_snapshots: compiled FP8 layers read their weights' FP8 copies from snapshots rewritten
     # once per optimizer step (dualflow.fp8.enable_fp8_snapshots) instead of quantizing them for every
     # micro-batch. Off by default: on V2-Lite (one H200) they saved 3.5 ms of a 373 ms step and held 4 GB
@@ -52,7 +55,8 @@ class RunConfig:
         check_fields(self, "train", steps=Range(ge=1), global_batch=Range(ge=1), seed=Range(ge=0, lt=2**63),
                      dtype=OneOf(*DTYPES), log_every=Range(ge=1), val_every=Range(ge=1), val_batches=Range(ge=1),
                      profile_step=Range(ge=0), cuda_graph=OneOf("auto", "on", "off"),
-                     compile=OneOf("auto", "on", "off"), fp8_wgrad_backend=OneOf("auto", "cutlass", "triton"))
+                     compile=OneOf("auto", "on", "off"), fp8_wgrad_backend=OneOf("auto", "cutlass", "triton"),
+                     fp8_quant_backend=OneOf("auto", "triton", "cuda", "reference"))
         if self.fp8_backend != "auto":
             from dualflow.fp8 import Fp8Recipe
 

@@ -147,8 +147,14 @@ class Trainer:
         from dualflow.fp8 import Fp8Recipe, convert_to_fp8
         from dualflow.fp8.gemm import BackendUnavailable, resolve_backend
         from dualflow.fp8.moe import wgrad_backend
+        from dualflow.fp8.quant import resolve_quant_backend
 
-        recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend, wgrad_backend=self.cfg.train.fp8_wgrad_backend)
+        recipe = Fp8Recipe(backend=self.cfg.train.fp8_backend, wgrad_backend=self.cfg.train.fp8_wgrad_backend,
+                           quant_backend=self.cfg.train.fp8_quant_backend)
+        try:  # said now, not at the first quantization
+            resolve_quant_backend(recipe.quant_backend, self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"train.fp8_quant_backend={recipe.quant_backend!r}: {exc}") from None
         for op in ("dense", "contiguous"):  # a backend this device cannot run: said now, not at the first GEMM
             try:
                 resolve_backend(recipe.backend, self.device, op)

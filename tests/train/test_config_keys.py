@@ -61,6 +61,7 @@ CHOICES = {
     "optim.moments_dtype": ("float32", "bfloat16"), "train.dtype": ("float32", "bfloat16"),
     "train.cuda_graph": ("auto", "on", "off"),
     "train.compile": ("auto", "on", "off"), "train.fp8_wgrad_backend": ("auto", "cutlass", "triton"),
+    "train.fp8_quant_backend": ("auto", "triton", "cuda", "reference"),
 }
 FLAGS = ("model.tie_embeddings", "parallel.overlap", "parallel.zero1", "train.fp8", "train.fp8_dispatch",
          "train.profile_trace", "checkpoint.enabled", "train.fp8_weight_snapshots")
