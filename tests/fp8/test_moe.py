@@ -138,7 +138,17 @@ def test_grouped_wgrad_kernel_matches_the_per_expert_loop(counts):
     got = grouped_wgrad(a, b, offsets, TRITON, fused=True)
     ref = grouped_wgrad(a, b, offsets, REFERENCE, fused=False)
     assert got.shape == ref.shape == (len(counts), 256, 128)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)  # FP32 sums of FP8 products in another order
+    # Both are FP32 sums of the same n scaled FP8 products per expert, in another order (the interpreter's
+    # and the CPU BLAS's blocking differ between machines). Each sum is within gamma_(n+3) = (n+3) u of the
+    # exact one relative to the sum of the terms' magnitudes (n additions, a few roundings per term for the
+    # scales; u = 2^-24), so the two differ by at most twice that.
+    da, db = dequantize(*a, 1).double(), dequantize(*b, 1).double()
+    for g in range(len(counts)):
+        lo, hi = int(offsets[g]), int(offsets[g + 1])
+        terms = da[:, lo:hi].abs() @ db[:, lo:hi].abs().T
+        bound = 2 * (hi - lo + 3) * 2.0**-24 * terms
+        excess = (got[g].double() - ref[g].double()).abs() - bound
+        assert not bool((excess > 0).any()), f"expert {g}: {int((excess > 0).sum())} outputs off the FP32 bound"
     for g, c in enumerate(counts):
         if c == 0:
             assert torch.all(got[g] == 0)
