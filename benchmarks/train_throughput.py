@@ -25,7 +25,10 @@ invocation. Variants run one after the other: on a GPU compare them within one i
 
 A variant named twice runs twice (the second as ``fp8#2``): the run-to-run spread of its times, and a
 line saying whether its per-step training losses repeat the first run's bit for bit (or where they
-first differ).
+first differ). ``--rounds R`` runs the whole list R times in turn (``base,fp8,base,fp8,...``: the
+variants interleaved, so that clock and thermal drift reach them alike): each row is then the median
+of its rounds, ``spread`` the rounds' step times' (max - min) / median, and every later round's losses
+are compared with the variant's first run as above.
 ``--set SECTION.KEY=VALUE`` (repeatable) overrides the config for every variant, the peer included.
 ``val loss`` is the validation loss after the last step (``--val-batches`` batches, 1 by default): with
 the same seed and data it compares the variants' quality, e.g. FP8 against BF16 after 300 steps
@@ -73,7 +76,8 @@ VARIANTS = {
     "hf-eager": [],
     "hf-grouped_mm": [],
 }
-COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "MFU", "peak MB", "final loss", "val loss", "val gap"]
+COLUMNS = ["variant", "steps", "tokens/s", "ratio", "step ms", "spread", "MFU", "peak MB", "final loss", "val loss",
+           "val gap"]
 
 
 def summarize(metrics: Path, warmup: int) -> dict:
@@ -102,6 +106,20 @@ def val_gap(val: float | None, base: float | None) -> str:
     if val is None or base is None or base == 0:
         return "-"
     return f"{100 * (val - base) / base:+.2f}%"
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One variant's summaries from several rounds as one: medians of the rounds' medians (tokens/s, step
+    time, MFU), the largest peak, the first round's losses, and ``spread``: the rounds' step times'
+    (max - min) / median (None for one round)."""
+    times = [r["step_ms"] for r in runs]
+    mfu = [r["mfu"] for r in runs if r.get("mfu") is not None]
+    step_ms = statistics.median(times)
+    return {**runs[0], "steps": sum(r["steps"] for r in runs),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs), "step_ms": step_ms,
+            "mfu": statistics.median(mfu) if mfu else None,
+            "peak_mb": max(r.get("peak_mb") or 0.0 for r in runs),
+            "spread": (max(times) - min(times)) / step_ms if len(runs) > 1 and step_ms else None}
 
 
 def compare_losses(first: list[float], again: list[float]) -> str:
@@ -154,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every variant (repeatable)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each dualflow variant")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variant list this many times in turn; rows are medians over the rounds")
     parser.add_argument("--val-batches", type=int, default=1,
                         help="validation batches at the last step (the val loss column; more for a quality comparison)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -174,48 +196,58 @@ def main(argv: list[str] | None = None) -> int:
         extra.append(f"--train.profile_step={min(warmup + 2, steps)}")
     nproc = args.nproc or (2 if args.smoke else _world(config))
     table = Table(COLUMNS, title=f"training throughput: {config.name}, {nproc} process(es), {steps} steps, "
-                                 f"medians after step {warmup}")
-    rows = []
-    repeats = {}  # a repeated variant's label -> how its per-step losses compare with the first run's
+                                 f"medians after step {warmup}"
+                                 + (f", {args.rounds} rounds in turn" if args.rounds > 1 else ""))
+    # a variant named again runs again, as name#2, ...
+    labels = [name if variants[:i + 1].count(name) == 1 else f"{name}#{variants[:i + 1].count(name)}"
+              for i, name in enumerate(variants)]
+    repeats = {}  # a repeated run's label -> how its per-step losses compare with the variant's first run
     losses = {}
-    base = base_val = None
+    results: dict[str, list[dict]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory(prefix="dualflow-train-bench-") as tmp:
         root = args.keep or Path(tmp)
-        for i, name in enumerate(variants):
-            runs = variants[:i + 1].count(name)  # a variant named again runs again, as name#2, ...
-            label = name if runs == 1 else f"{name}#{runs}"
-            run_dir = root / label
-            run_dir.mkdir(parents=True, exist_ok=True)
-            print(f"train_throughput: {label} ...", file=sys.stderr, flush=True)
-            if name.startswith("hf-"):
-                s = _run_peer(config, name[3:], steps, warmup, sets, run_dir / "peer.json", run_dir / "launch.log")
-                s["mfu"] = None
-            else:
-                _run(config, nproc, steps, [*extra, *VARIANTS[name]], run_dir, run_dir / "launch.log")
-                s = summarize(run_dir / "metrics.jsonl", warmup)
-                if args.profile:
-                    _show_profile(name, run_dir / "profile-rank0.txt")
-            if "losses" in s:
-                if name in losses:
-                    repeats[label] = compare_losses(losses[name], s["losses"])
+        for rnd in range(1, args.rounds + 1):  # the list in turn, so that drift reaches every variant alike
+            for name, label in zip(variants, labels):
+                tag = label if args.rounds == 1 else f"{label} (round {rnd})"
+                run_dir = root / label if args.rounds == 1 else root / label / f"round{rnd}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                print(f"train_throughput: {tag} ...", file=sys.stderr, flush=True)
+                if name.startswith("hf-"):
+                    s = _run_peer(config, name[3:], steps, warmup, sets, run_dir / "peer.json",
+                                  run_dir / "launch.log")
+                    s["mfu"] = None
                 else:
-                    losses[name] = s["losses"]
-            base = base or s["tokens_per_s"]
-            val = s.get("val_loss")
-            base_val = base_val if base_val is not None else val
-            row = {"variant": label, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
-                   "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
-                   "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
-                   "final loss": s["final_loss"], "val loss": "-" if val is None else val,
-                   "val gap": val_gap(val, base_val)}
-            table.add(**row)
-            rows.append(row)
+                    _run(config, nproc, steps, [*extra, *VARIANTS[name]], run_dir, run_dir / "launch.log")
+                    s = summarize(run_dir / "metrics.jsonl", warmup)
+                    if args.profile and rnd == 1:
+                        _show_profile(name, run_dir / "profile-rank0.txt")
+                if "losses" in s:
+                    if name in losses:
+                        repeats[tag] = compare_losses(losses[name], s["losses"])
+                    else:
+                        losses[name] = s["losses"]
+                results[label].append(s)
+    rows = []
+    base = base_val = None
+    for label in labels:
+        s = combine_rounds(results[label])
+        base = base or s["tokens_per_s"]
+        val = s.get("val_loss")
+        base_val = base_val if base_val is not None else val
+        row = {"variant": label, "steps": s["steps"], "tokens/s": s["tokens_per_s"],
+               "ratio": s["tokens_per_s"] / base, "step ms": s["step_ms"],
+               "spread": "-" if s["spread"] is None else f"{100 * s['spread']:.1f}%",
+               "MFU": s["mfu"] if s["mfu"] is not None else "-", "peak MB": s["peak_mb"],
+               "final loss": s["final_loss"], "val loss": "-" if val is None else val,
+               "val gap": val_gap(val, base_val)}
+        table.add(**row)
+        rows.append(row)
     table.print()
-    for label, verdict in repeats.items():
-        print(f"{label}: training losses {verdict} against {label.split('#')[0]}")
+    for tag, verdict in repeats.items():
+        print(f"{tag}: training losses {verdict} against {tag.split('#')[0].split(' ')[0]}")
     if args.json:
         write_record(args.json, "train_throughput", rows, config=str(config), nproc=nproc, steps=steps,
-                     warmup=warmup, smoke=args.smoke, repeats=repeats)
+                     warmup=warmup, smoke=args.smoke, repeats=repeats, rounds=args.rounds)
     return 0
 
 

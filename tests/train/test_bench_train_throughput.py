@@ -80,3 +80,35 @@ def test_bad_variant_is_refused():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke",
                            "--variants", "turbo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown ['turbo']" in proc.stderr
+
+
+def test_rounds_combine_into_one_row():
+    combine = _module().combine_rounds
+    runs = [{"steps": 5, "tokens_per_s": 100.0, "step_ms": 10.0, "mfu": 0.2, "peak_mb": 7.0, "final_loss": 3.0,
+             "losses": [4.0, 3.0], "val_loss": 3.5},
+            {"steps": 5, "tokens_per_s": 80.0, "step_ms": 12.5, "mfu": None, "peak_mb": 9.0, "final_loss": 3.1,
+             "losses": [4.0, 3.1], "val_loss": 3.6},
+            {"steps": 5, "tokens_per_s": 90.0, "step_ms": 11.0, "mfu": 0.3, "peak_mb": 8.0, "final_loss": 3.2,
+             "losses": [4.0, 3.2], "val_loss": 3.7}]
+    got = combine(runs)
+    assert got["steps"] == 15 and got["tokens_per_s"] == 90.0 and got["step_ms"] == 11.0
+    assert got["mfu"] == pytest.approx(0.25) and got["peak_mb"] == 9.0
+    assert got["spread"] == pytest.approx(2.5 / 11.0)
+    assert got["final_loss"] == 3.0 and got["val_loss"] == 3.5  # the first round's
+    assert combine(runs[:1])["spread"] is None
+
+
+@pytest.mark.slow
+def test_smoke_rounds_interleave_the_variants(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--variants",
+                           "base,fp8", "--rounds", "2", "--steps", "3", "--keep", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    order = [line.split("train_throughput: ")[1] for line in proc.stderr.splitlines()
+             if line.startswith("train_throughput: ") and line.endswith(" ...")]
+    assert order == ["base (round 1) ...", "fp8 (round 1) ...", "base (round 2) ...", "fp8 (round 2) ..."]
+    runs = tmp_path / "runs"
+    assert all((runs / v / f"round{r}" / "metrics.jsonl").is_file() for v in ("base", "fp8") for r in (1, 2))
+    assert "base (round 2): training losses bit-identical over 3 steps against base" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("base "))
+    assert row.split()[1] == "4" and row.split()[5].endswith("%")  # 2 timed steps a round; the spread
