@@ -9,12 +9,12 @@ from tests.fp8.helpers import assert_bitwise
 from tests.train.helpers import tiny
 
 
-def _run(tmp_path, fp8: bool):
-    cfg = tiny(tmp_path / f"fp8-{fp8}", model=dict(dim=64, n_layers=2, dense_hidden=128, expert_hidden=64),
+def _run(tmp_path, fp8: bool, seed: int = 0):
+    cfg = tiny(tmp_path / f"fp8-{fp8}-{seed}", model=dict(dim=64, n_layers=2, dense_hidden=128, expert_hidden=64),
                parallel=dict(microbatches=1), data=dict(seq_len=32),
                optim=dict(lr=2e-3, min_lr=2e-4, warmup_steps=20),
                train=dict(steps=200, global_batch=8, dtype="bfloat16", fp8=fp8, val_every=200, val_batches=8,
-                          log_every=50))
+                          log_every=50, seed=seed))
     trainer = Trainer(cfg)
     return trainer, trainer.train()
 
@@ -22,22 +22,28 @@ def _run(tmp_path, fp8: bool):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_fp8_final_loss_within_one_percent_of_bf16(tmp_path):
-    _, bf16 = _run(tmp_path, fp8=False)
-    trainer, fp8 = _run(tmp_path, fp8=True)
-    # attention, the dense and shared MLPs (not the head), and the routed experts of the one MoE layer
-    assert "8 linear layers converted, the routed experts of 1 MoE layer(s)" in trainer.fp8_report
-    assert trainer.stages[0].layers["1"].moe.experts.fp8_recipe is not None
-    assert type(trainer.stages[0].head).__name__ == "Linear"
-    base, got = bf16.val_losses[200], fp8.val_losses[200]
-    assert base < 0.5 * bf16.val_losses[0]  # both learned
-    # 256 tokens per micro-batch: a training-level check of the whole recipe. The small-gradient regime of
-    # real runs (thousands of tokens per micro-batch) is checked at the quantizer, deterministically
-    # (tests/fp8/test_quant.py::test_gradient_sized_tiles_keep_e4m3_precision): at 4,096 tokens the two
-    # trajectories part by chance as much as the 1e-4 amax floor moved them (measured -1.2% to +1.8% with
-    # different CPU kernels), too much for a test
-    rel = abs(got - base) / base
-    print(f"\nFP8 vs BF16 after 200 steps: validation loss {got:.4f} vs {base:.4f}, relative difference {rel:.4%}")
-    assert rel < 0.01
+    gaps = []
+    for seed in range(4):
+        _, bf16 = _run(tmp_path, fp8=False, seed=seed)
+        trainer, fp8 = _run(tmp_path, fp8=True, seed=seed)
+        if seed == 0:
+            # attention, the dense and shared MLPs (not the head), and the routed experts of the one MoE layer
+            assert "8 linear layers converted, the routed experts of 1 MoE layer(s)" in trainer.fp8_report
+            assert trainer.stages[0].layers["1"].moe.experts.fp8_recipe is not None
+            assert type(trainer.stages[0].head).__name__ == "Linear"
+        base, got = bf16.val_losses[200], fp8.val_losses[200]
+        assert base < 0.5 * bf16.val_losses[0]  # both learned
+        gaps.append((got - base) / base)
+    # 256 tokens per micro-batch: a training-level check of the whole recipe. One seed's FP8 and BF16
+    # trajectories part by chance: the gap of a single seed moved between -1.3% and +1.8% with the seed and
+    # with the CPU's kernels (AVX2 or AVX-512), so the check is on the mean over 4 seeds (within -0.6% and
+    # +0.4% on both kernel sets), one-sided: FP8 must not train worse; a better FP8 loss is chance, not a
+    # fault. The small-gradient regime of real runs (thousands of tokens per micro-batch) is checked at the
+    # quantizer, deterministically (tests/fp8/test_quant.py::test_gradient_sized_tiles_keep_e4m3_precision).
+    mean = sum(gaps) / len(gaps)
+    print(f"\nFP8 vs BF16 after 200 steps, validation loss relative difference per seed "
+          f"{', '.join(f'{g:+.2%}' for g in gaps)}; mean {mean:+.2%}")
+    assert mean < 0.01
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
