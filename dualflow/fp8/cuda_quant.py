@@ -66,6 +66,12 @@ def quantize_1x128_and_128x1(x: torch.Tensor, pow2_scales: bool, m_major: bool =
     reason = why_not(x, True, True, False)
     if reason is not None:
         raise ValueError(f"the CUDA quantizer does not take this input: {reason}")
+    return launch(x, pow2_scales, m_major)
+
+
+def launch(x: torch.Tensor, pow2_scales: bool, m_major: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_1x128_and_128x1` without the check, for a caller that made it (the quantizer's
+    dispatch, once per call)."""
     rows, cols = x.shape
     rb, cb = -(-rows // BLOCK), -(-cols // BLOCK)
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)

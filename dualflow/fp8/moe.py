@@ -24,13 +24,20 @@ import torch.nn.functional as F
 
 from dualflow.fp8.gemm import BackendUnavailable, available_backends, backend_names, fp8_grouped_gemm, run_dense
 from dualflow.fp8.groups import Fp8ErrorFlag
-from dualflow.fp8.quant import BLOCK, Quantized, quantize_1x128_and_128x1, resolve_quant_backend, run_quantizer
+from dualflow.fp8.quant import (
+    BLOCK,
+    TRITON_QUANT_BACKENDS,
+    Quantized,
+    quantize_1x128_and_128x1,
+    resolve_quant_backend,
+    run_quantizer,
+)
 from dualflow.fp8.recipe import Fp8Recipe
 
 
 def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
     # the quantization backend decides, as for the quantizers (Triton on sm_89+ CUDA devices for "auto")
-    return resolve_quant_backend(recipe.quant_backend, x.device) in ("triton", "cuda")
+    return resolve_quant_backend(recipe.quant_backend, x.device) in TRITON_QUANT_BACKENDS
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from dualflow.fp8.gemm import ENV_BACKEND, BackendUnavailable, fp8_gemm, fp8_gro
 from dualflow.fp8.ops import gemm_entry, quantize_entry
 from dualflow.fp8.quant import (
     BLOCK,
+    TRITON_QUANT_BACKENDS,
     quantize_1x128,
     quantize_1x128_and_128x1,
     quantize_128x1,
@@ -171,7 +172,7 @@ class Fp8WeightSnapshot:
             w = weight.detach()
             if self.tensors is None or not self._fits(w):
                 self.tensors = quantize_weight(w, recipe, transposed=True)
-            elif resolve_quant_backend(recipe.quant_backend, w.device) in ("triton", "cuda"):
+            elif resolve_quant_backend(recipe.quant_backend, w.device) in TRITON_QUANT_BACKENDS:
                 self._write(w, recipe)
             else:
                 for mine, fresh in zip(self.tensors, quantize_weight(w, recipe, transposed=True)):

@@ -50,6 +50,10 @@ FP8_MAX = 448.0
 AMAX_FLOOR = 1e-30
 
 QuantBackend = Literal["auto", "reference", "triton", "cuda"]
+QUANT_BACKENDS = ("auto", "reference", "triton", "cuda")
+# the backends whose quantizers (and the SwiGLU kernels fused with them) are Triton's: `cuda` replaces one
+# layout's kernel only
+TRITON_QUANT_BACKENDS = ("triton", "cuda")
 Quantized = tuple[torch.Tensor, torch.Tensor]
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -125,7 +129,7 @@ def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool
         from dualflow.fp8 import cuda_quant
 
         if transposed_groups is None and cuda_quant.why_not(x, rowwise, colwise, blockwise) is None:
-            return (*cuda_quant.quantize_1x128_and_128x1(x, pow2_scales, m_major),)
+            return cuda_quant.launch(x, pow2_scales, m_major)
         backend = "triton"  # the layouts and inputs the CUDA kernel does not cover
     if backend == "triton":
         from dualflow.fp8.kernels.quant import quantize as _triton
@@ -184,7 +188,7 @@ def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
     if backend == "reference":
         return backend
-    if backend in ("triton", "cuda"):
+    if backend in TRITON_QUANT_BACKENDS:
         reason = triton_unavailable_reason(device)
         if reason is None and backend == "cuda":
             from dualflow.fp8.cuda_quant import unavailable_reason
@@ -194,7 +198,7 @@ def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
             raise RuntimeError(f"quantization backend {backend!r} cannot run here: {reason}. Use "
                                "backend='reference' or 'auto'.")
         return backend
-    raise ValueError(f"unknown quantization backend {backend!r}; expected 'auto', 'reference', 'triton' or 'cuda'")
+    raise ValueError(f"unknown quantization backend {backend!r}; expected one of {QUANT_BACKENDS}")
 
 
 def _resolve(backend: str, x: torch.Tensor) -> str:

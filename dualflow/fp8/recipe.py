@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 
 from dualflow.fp8.gemm import BACKENDS
-from dualflow.fp8.quant import BLOCK
+from dualflow.fp8.quant import BLOCK, QUANT_BACKENDS
 
 WGRAD_BACKENDS = ("auto", "cutlass", "triton")
 
@@ -43,9 +43,8 @@ class Fp8Recipe:
         names = [s.strip() for s in self.backend.split(",")]
         if self.backend != "auto" and not all(n in BACKENDS for n in names):
             raise ValueError(f"backend must be 'auto', one of {BACKENDS} or a comma list of them, got {self.backend!r}")
-        if self.quant_backend not in ("auto", "reference", "triton", "cuda"):
-            raise ValueError("quant_backend must be 'auto', 'reference', 'triton' or 'cuda', "
-                             f"got {self.quant_backend!r}")
+        if self.quant_backend not in QUANT_BACKENDS:
+            raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}, got {self.quant_backend!r}")
         if self.wgrad_backend not in WGRAD_BACKENDS:
             raise ValueError(f"wgrad_backend must be one of {WGRAD_BACKENDS}, got {self.wgrad_backend!r}")
         if isinstance(self.high_precision, str):
