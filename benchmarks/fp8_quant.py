@@ -10,8 +10,8 @@ Shapes: DeepSeek-V3 activations (4096 and 16384 tokens x hidden 7168, 4096 x 184
 weight (7168 x 16384, 128x128 blocks); ``--shape`` (repeatable) replaces them with the shapes given, every
 quantizer on each (e.g. a training step's: ``--shape 98304 2048 --shape 16384 2048``). On a GPU every row
 times CUDA graph replays (as fp8_gemm.py does; ``--eager`` times plain calls). ``--smoke`` runs tiny shapes
-on whatever device there is. The ``cuda`` backend (where the CUDA library is built) has a row of its own
-for the fused 1x128+128x1 layout only: its other layouts are Triton's kernels.
+on whatever device there is. The ``cuda`` backend (where the CUDA library is built) has rows of its own
+for the activation layouts (1x128, 128x1, both): its 128x128 layout is Triton's kernel.
 ``--weights`` adds a table of FP32 master weights quantized as the FP8 layers do, 128x128 blocks with the
 transposed copy the input gradient reads (``quantize_128x128_transposed``, per expert for stacked experts),
 beside the 128x128 quantization followed by a transposing copy (what it replaced) and an FP32 copy: the
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backends = ["triton", "reference"] if device.type == "cuda" else ["reference"]
         if device.type == "cuda" and cuda_quant.unavailable_reason(device) is None:
-            backends.insert(0, "cuda")  # the CUDA library's fused activation quantizer
+            backends.insert(0, "cuda")  # the CUDA library's activation quantizer
     repeat = args.repeat or (2 if args.smoke else 50)
     warmup = 1 if args.smoke else 5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runs(op: str, backend: str) -> bool:
-    # the cuda backend has its own kernel for the fused layout only (Triton's for the others: no own row)
-    return backend != "cuda" or op == "quantize_1x128_and_128x1"
+    # the cuda backend has its own kernel for the activation layouts only (128x128 is Triton's: no own row)
+    return backend != "cuda" or op != "quantize_128x128"
 
 
 def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup: int, repeat: int) -> Table:

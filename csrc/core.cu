@@ -40,7 +40,7 @@ extern "C" {
 
 // 2: dualflow_cutlass_grouped_gemm takes the `errors` record of malformed offsets
 // 3: dualflow_quantize_1x128_128x1
-int dualflow_abi_version(void) { return 3; }
+int dualflow_abi_version(void) { return 4; }
 
 const char* dualflow_last_error(void) { return dualflow::g_last_error.c_str(); }
 

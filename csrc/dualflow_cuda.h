@@ -32,16 +32,17 @@ DUALFLOW_API int dualflow_device_count(int* count);
 // to check that the library's kernels load and run on the device at hand.
 DUALFLOW_API int dualflow_fill_u32(uintptr_t ptr, int64_t n, uint32_t value, uintptr_t stream);
 
-// The fused 1x128 + 128x1 FP8 (E4M3) quantization of a 16-bit [rows, cols] tensor x (dtype 0: bfloat16,
-// 1: float16; row stride ldx elements, unit column stride), on the given stream: q [rows, cols] and qt
-// [cols, rows] (contiguous FP8 bytes) with FP32 scales s [rows, ceil(cols/128)] (strides ssr, ssc) and st
-// [cols, ceil(rows/128)] (strides sstr, sstc). rows, cols and ldx must be multiples of 4, x 8-byte and q, qt
-// 4-byte aligned (DUALFLOW_ERR_INVALID_ARGUMENT otherwise). Scales are max(amax, amax_floor) / 448,
-// rounded up to a power of two when pow2 is nonzero. The bits equal dualflow/fp8/quant.py's reference.
-DUALFLOW_API int dualflow_quantize_1x128_128x1(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ldx,
-                                               uintptr_t q, uintptr_t s, int64_t ssr, int64_t ssc, uintptr_t qt,
-                                               uintptr_t st, int64_t sstr, int64_t sstc, float amax_floor, int pow2,
-                                               uintptr_t stream);
+// FP8 (E4M3) quantization of a 16-bit [rows, cols] tensor x (dtype 0: bfloat16, 1: float16; row stride ldx
+// elements, unit column stride), on the given stream, in the layouts asked for (layouts: 1 the 1x128
+// layout, 2 the 128x1 layout, 3 both from one read): 1x128 writes q [rows, cols] (contiguous FP8 bytes) and
+// FP32 scales s [rows, ceil(cols/128)] (strides ssr, ssc); 128x1 writes qt [cols, rows] and st
+// [cols, ceil(rows/128)] (strides sstr, sstc). The pointers of a layout not asked for are not read (0 is
+// fine). rows, cols and ldx must be multiples of 4, x 8-byte and q, qt 4-byte aligned
+// (DUALFLOW_ERR_INVALID_ARGUMENT otherwise). Scales are max(amax, amax_floor) / 448, rounded up to a power
+// of two when pow2 is nonzero. The bits equal dualflow/fp8/quant.py's reference.
+DUALFLOW_API int dualflow_quantize_act(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ldx, int layouts,
+                                       uintptr_t q, uintptr_t s, int64_t ssr, int64_t ssc, uintptr_t qt, uintptr_t st,
+                                       int64_t sstr, int64_t sstc, float amax_floor, int pow2, uintptr_t stream);
 
 #ifdef __cplusplus
 }

@@ -1,10 +1,12 @@
-"""The fused 1x128 + 128x1 quantizer of 16-bit activations in the project's CUDA library (``csrc/quant.cu``).
+"""The activation quantizer of 16-bit inputs in the project's CUDA library (``csrc/quant.cu``): the 1x128
+layout, the 128x1 layout (written transposed), or both from one read.
 
 The quantization backend ``cuda`` (:func:`dualflow.fp8.quant.resolve_quant_backend`) takes this kernel for
-the layout and inputs it covers (:func:`why_not`: both activation layouts at once, BF16 or FP16, sizes
-and row stride multiples of 4) and Triton's kernels for everything else. It holds its 128x128 tile in
-shared memory in the input's 16-bit type instead of FP32 registers, so more tiles are in flight per SM
-than in the Triton kernel (benchmarks/NOTES_gpu.md). Same bits as the reference.
+the layouts and inputs it covers (:func:`why_not`: the activation layouts, BF16 or FP16, sizes and row
+stride multiples of 4) and Triton's kernels for everything else (weights' 128x128 blocks, FP32 input).
+It holds its 128x128 tile in shared memory in the input's 16-bit type instead of FP32 registers, so more
+tiles are in flight per SM than in the Triton kernel, and gives each scale's divisions to one lane
+(benchmarks/NOTES_gpu.md rows 25-28). Same bits as the reference.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 def _library() -> ctypes.CDLL:
     lib = _cuda.load()
     c, i64, ptr = ctypes, ctypes.c_int64, ctypes.c_size_t
-    lib.dualflow_quantize_1x128_128x1.argtypes = [ptr, c.c_int, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64,
-                                                  i64, c.c_float, c.c_int, ptr]
+    lib.dualflow_quantize_act.argtypes = [ptr, c.c_int, i64, i64, i64, c.c_int, ptr, ptr, i64, i64, ptr, ptr, i64,
+                                          i64, c.c_float, c.c_int, ptr]
     return lib
 
 
@@ -46,8 +48,8 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def why_not(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool) -> str | None:
     """Why the kernel does not cover this quantization (None: it does). The device is checked apart."""
-    if not (rowwise and colwise) or blockwise:
-        return "it writes the 1x128 and 128x1 layouts together only"
+    if blockwise or not (rowwise or colwise):
+        return "it writes the activation layouts (1x128, 128x1 or both), not 128x128 blocks"
     if x.dtype not in _DTYPES:
         return f"it reads bfloat16 or float16, not {x.dtype}"
     rows, cols = x.shape
@@ -60,32 +62,39 @@ def why_not(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool) -> s
     return None
 
 
-def quantize_1x128_and_128x1(x: torch.Tensor, pow2_scales: bool, m_major: bool = False) -> tuple[torch.Tensor, ...]:
-    """``(q, scales, qt, scales_t)`` as :func:`dualflow.fp8.kernels.quant.quantize` writes them for the fused
-    layout (``m_major``: the 1x128 scales with strides ``(1, rows)``). ``x`` must pass :func:`why_not`."""
-    reason = why_not(x, True, True, False)
+def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, pow2_scales: bool = False,
+             m_major: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """``(q, scales, qt, scales_t)`` as :func:`dualflow.fp8.kernels.quant.quantize` writes them for these
+    layouts (``None`` for a layout not asked for; ``m_major``: the 1x128 scales with strides ``(1, rows)``).
+    ``x`` must pass :func:`why_not`."""
+    reason = why_not(x, rowwise, colwise, False)
     if reason is not None:
         raise ValueError(f"the CUDA quantizer does not take this input: {reason}")
-    return launch(x, pow2_scales, m_major)
+    return launch(x, rowwise, colwise, pow2_scales, m_major)
 
 
-def launch(x: torch.Tensor, pow2_scales: bool, m_major: bool) -> tuple[torch.Tensor, ...]:
-    """:func:`quantize_1x128_and_128x1` without the check, for a caller that made it (the quantizer's
-    dispatch, once per call)."""
+def launch(x: torch.Tensor, rowwise: bool, colwise: bool, pow2_scales: bool,
+           m_major: bool) -> tuple[torch.Tensor | None, ...]:
+    """:func:`quantize` without the check, for a caller that made it (the quantizer's dispatch, once per
+    call)."""
     rows, cols = x.shape
     rb, cb = -(-rows // BLOCK), -(-cols // BLOCK)
-    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
-    s = empty_scales(rows, cb, x.device, m_major)
-    qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
-    st = empty_scales(cols, rb, x.device, m_major)
+    q = s = qt = st = None
+    if rowwise:
+        q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+        s = empty_scales(rows, cb, x.device, m_major)
+    if colwise:
+        qt = torch.empty(cols, rows, dtype=FP8_DTYPE, device=x.device)
+        st = empty_scales(cols, rb, x.device, m_major)
     if x.numel():
         lib = _library()
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        rc = lib.dualflow_quantize_1x128_128x1(
-            x.data_ptr(), _DTYPES[x.dtype], rows, cols, x.stride(0) if rows > 1 else cols,
-            q.data_ptr(), s.data_ptr(), s.stride(0), s.stride(1), qt.data_ptr(), st.data_ptr(),
-            st.stride(0), st.stride(1), AMAX_FLOOR, int(pow2_scales), stream)
+        rc = lib.dualflow_quantize_act(
+            x.data_ptr(), _DTYPES[x.dtype], rows, cols, x.stride(0) if rows > 1 else cols, rowwise | colwise << 1,
+            q.data_ptr() if rowwise else 0, s.data_ptr() if rowwise else 0, s.stride(0) if rowwise else 0,
+            s.stride(1) if rowwise else 0, qt.data_ptr() if colwise else 0, st.data_ptr() if colwise else 0,
+            st.stride(0) if colwise else 0, st.stride(1) if colwise else 0, AMAX_FLOOR, int(pow2_scales), stream)
         if rc != 0:
-            raise _cuda.CudaLibraryError(f"dualflow_quantize_1x128_128x1 failed (status {rc}): "
+            raise _cuda.CudaLibraryError(f"dualflow_quantize_act failed (status {rc}): "
                                          f"{lib.dualflow_last_error().decode(errors='replace')}")
     return q, s, qt, st

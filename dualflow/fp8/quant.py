@@ -129,7 +129,7 @@ def run_quantizer(x: torch.Tensor, rowwise: bool, colwise: bool, blockwise: bool
         from dualflow.fp8 import cuda_quant
 
         if transposed_groups is None and cuda_quant.why_not(x, rowwise, colwise, blockwise) is None:
-            return cuda_quant.launch(x, pow2_scales, m_major)
+            return cuda_quant.launch(x, rowwise, colwise, pow2_scales, m_major)
         backend = "triton"  # the layouts and inputs the CUDA kernel does not cover
     if backend == "triton":
         from dualflow.fp8.kernels.quant import quantize as _triton
@@ -181,8 +181,9 @@ def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
     on a CUDA device (:mod:`dualflow.fp8.triton_support`: compute capability 8.9+) and ``reference``
     otherwise; ``triton`` or ``cuda`` where it cannot run raises ``RuntimeError`` with the reason.
 
-    ``cuda`` is the project's CUDA library for the fused 1x128+128x1 quantization of 16-bit activations
-    (:mod:`dualflow.fp8.cuda_quant`) and Triton's kernels for every other layout and input; it needs both."""
+    ``cuda`` is the project's CUDA library for the activation layouts (1x128, 128x1, both) of 16-bit
+    inputs (:mod:`dualflow.fp8.cuda_quant`) and Triton's kernels for every other layout and input; it needs
+    both."""
     device = torch.device(device)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"

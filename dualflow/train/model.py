@@ -69,6 +69,8 @@ class ModelConfig:
     routed_scale: float = 1.0
     bias_update_speed: float = 0.001
     rope_theta: float = 10000.0
+    # positions whose rotary cos/sin tables are precomputed (longer sequences compute theirs at every call)
+    max_seq_len: int = 4096
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -100,7 +102,7 @@ class ModelConfig:
                      n_dense_layers=Range(ge=0), n_heads=Range(ge=1), dense_hidden=Range(ge=1),
                      expert_hidden=Range(ge=1), n_routed_experts=Range(ge=1), n_shared_experts=Range(ge=0),
                      top_k=Range(ge=1), routed_scale=Range(gt=0), bias_update_speed=Range(ge=0, note="0: fixed biases"),
-                     rope_theta=Range(gt=0), norm_eps=Range(gt=0), init_std=Range(gt=0), attention=OneOf("mha", "mla"),
+                     rope_theta=Range(gt=0), max_seq_len=Range(ge=1), norm_eps=Range(gt=0), init_std=Range(gt=0), attention=OneOf("mha", "mla"),
                      q_lora_rank=Range(ge=0, note="0: no query latent"), kv_lora_rank=Range(ge=1),
                      qk_nope_head_dim=Range(ge=1), qk_rope_head_dim=Range(ge=2), v_head_dim=Range(ge=1),
                      n_group=Range(ge=1), topk_group=Range(ge=1), group_by=OneOf("experts", "ep_ranks", "nodes"),
@@ -226,15 +228,48 @@ class RMSNorm(nn.Module):
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
-def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding of ``x`` [batch, heads, seq, head_dim] (pairs of adjacent channels)."""
-    seq, half = x.shape[-2], x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.outer(torch.arange(seq, device=x.device, dtype=torch.float32), freqs)
-    cos, sin = angles.cos(), angles.sin()
+def rotary_tables(seq: int, half: int, theta: float,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP32 ``(cos, sin)`` [seq, half] of rotary angle ``position * theta^(-j/half)`` for channel pair ``j``."""
+    freqs = theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., seq, 2 * half] with each adjacent channel pair rotated by the tables' [seq, half] angles."""
+    half = x.shape[-1] // 2
     xf = _at_least_fp32(x).unflatten(-1, (half, 2))
     a, b = xf[..., 0], xf[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [batch, heads, seq, head_dim] (pairs of adjacent channels)."""
+    return apply_rotary(x, *rotary_tables(x.shape[-2], x.shape[-1] // 2, theta, x.device))
+
+
+class Rotary(nn.Module):
+    """:func:`rotary` with its cos/sin tables precomputed for ``max_seq`` positions (non-persistent
+    buffers: they follow the module's device and stay out of checkpoints).
+
+    Computed inside a compiled graph, the tables were recomputed for every element of ``x`` (a power, a
+    cosine and a sine each: the rotary kernels ran at a fifth of the memory bandwidth, ~4 ms of an 80 ms
+    step of configs/gpu1.toml on an H200; benchmarks/NOTES_gpu.md). Longer sequences compute theirs at
+    every call, as :func:`rotary` does."""
+
+    def __init__(self, head_dim: int, theta: float, max_seq: int) -> None:
+        super().__init__()
+        self.half, self.theta = head_dim // 2, theta
+        cos, sin = rotary_tables(max_seq, self.half, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[-2]
+        if seq > self.cos.shape[0]:
+            return rotary(x, self.theta)
+        return apply_rotary(x, self.cos[:seq], self.sin[:seq])
 
 
 class Attention(nn.Module):
@@ -245,11 +280,12 @@ class Attention(nn.Module):
         self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.wqkv(x).chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(rotary(q, self.theta), rotary(k, self.theta), v, is_causal=True)
+        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -288,6 +324,7 @@ class LatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_rank, cfg.n_heads * (self.nope + self.vdim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.vdim, cfg.dim, bias=False)
+        self.rotary = Rotary(self.rope, cfg.rope_theta, cfg.max_seq_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -299,8 +336,8 @@ class LatentAttention(nn.Module):
         latent, k_rope = kv_a.split([self.kv_rank, self.rope], dim=-1)
         kv = self.wkv_b(self.kv_norm(latent)).view(b, s, h, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-        k_rope = rotary(k_rope.unsqueeze(1), self.theta).expand(b, h, s, self.rope)
-        q = torch.cat([q_nope, rotary(q_rope, self.theta)], dim=-1)
+        k_rope = self.rotary(k_rope.unsqueeze(1)).expand(b, h, s, self.rope)
+        q = torch.cat([q_nope, self.rotary(q_rope)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(nope + rope)
         return self.wo(y.transpose(1, 2).reshape(b, s, h * self.vdim))

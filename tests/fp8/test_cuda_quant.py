@@ -28,9 +28,11 @@ def test_the_recipe_takes_it_and_a_cpu_device_refuses_it_with_the_reason():
     ((1001, 1300), torch.bfloat16, (True, True, False), False),
     ((1000, 1302), torch.bfloat16, (True, True, False), False),
     ((1000, 1300), torch.float32, (True, True, False), False),
-    ((1000, 1300), torch.bfloat16, (True, False, False), False),
-    ((1000, 1300), torch.bfloat16, (False, True, False), False),
+    ((1000, 1300), torch.bfloat16, (True, False, False), True),
+    ((1000, 1300), torch.bfloat16, (False, True, False), True),
     ((1000, 1300), torch.bfloat16, (False, False, True), False),
+    ((1000, 1300), torch.bfloat16, (True, False, True), False),
+    ((1000, 1300), torch.bfloat16, (False, False, False), False),
 ], ids=str)
 def test_what_the_kernel_covers(shape, dtype, layout, covered):
     x = torch.zeros(shape, dtype=dtype)
@@ -43,4 +45,4 @@ def test_strides_it_does_not_take():
     assert cuda_quant.why_not(torch.zeros(1304, 64, dtype=torch.bfloat16)[:1300].t(), True, True, False)  # transposed
     assert cuda_quant.why_not(torch.zeros(64, 1304, dtype=torch.bfloat16)[:, :1300], True, True, False) is None
     with pytest.raises(ValueError, match=r"does not take this input: .*float32"):
-        cuda_quant.quantize_1x128_and_128x1(torch.zeros(8, 8), False)
+        cuda_quant.quantize(torch.zeros(8, 8), rowwise=True, colwise=True)

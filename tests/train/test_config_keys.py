@@ -44,7 +44,7 @@ NUMERIC = {
     "model.q_lora_rank": AT_LEAST_0, "model.kv_lora_rank": AT_LEAST_1, "model.qk_nope_head_dim": AT_LEAST_1,
     "model.qk_rope_head_dim": (["2"], ["1", "0", "-2"]), "model.v_head_dim": AT_LEAST_1,
     "model.n_group": AT_LEAST_1, "model.topk_group": AT_LEAST_1, "model.mtp_depth": AT_LEAST_0,
-    "model.mtp_loss_weight": POSITIVE,
+    "model.mtp_loss_weight": POSITIVE, "model.max_seq_len": AT_LEAST_1,
     "parallel.pp": AT_LEAST_1, "parallel.dp": AT_LEAST_1, "parallel.microbatches": AT_LEAST_1,
     "data.max_bytes": AT_LEAST_1, "data.val_fraction": FRACTION, "data.seq_len": AT_LEAST_1, "data.seed": SEED,
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": AT_LEAST_0,
@@ -161,6 +161,14 @@ def test_microbatches_are_refused_before_anything_divides_by_them():
     assert _problems("parallel.pp=1", "parallel.microbatches=-4") == (
         "parallel.microbatches: expected int >= 1, got -4",)
 
+
+
+def test_sequences_longer_than_the_rotary_tables_are_refused_with_the_remedy():
+    assert _problems("data.seq_len=4096") == ()  # the default tables' length
+    assert _problems("data.seq_len=4097") == (
+        "data.seq_len=4097 exceeds model.max_seq_len=4096, the positions whose rotary tables the model "
+        "precomputes: raise model.max_seq_len",)
+    assert _problems("data.seq_len=8192", "model.max_seq_len=8192") == ()
 
 @pytest.mark.parametrize("build, key", [
     (lambda: ParallelConfig(microbatches=0), "parallel.microbatches: expected int >= 1, got 0"),

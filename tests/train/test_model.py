@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dualflow.train.model import LatentAttention, ModelConfig, RMSNorm, Router, Stage, cross_entropy, rotary
+from dualflow.train.model import LatentAttention, ModelConfig, RMSNorm, Rotary, Router, Stage, cross_entropy, rotary
 
 CFG = ModelConfig(dim=32, n_layers=4, n_dense_layers=1, n_heads=4, dense_hidden=48, expert_hidden=16,
                   n_routed_experts=6, top_k=2)
@@ -45,6 +45,24 @@ def test_rotary_scores_depend_on_relative_position_only():
         assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-4)
     assert not torch.allclose(scores[0, 0], scores[0, 3])  # and it does depend on the distance
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))  # a rotation
+
+
+
+def test_rotary_module_with_its_tables_matches_the_formula_and_computes_longer_sequences():
+    module = Rotary(16, 500.0, max_seq=12)
+    assert not dict(module.state_dict())  # the tables are not checkpointed
+    for seq in (5, 12, 20):  # inside, at and beyond the tables (20: computed at the call)
+        x = torch.randn(2, 3, seq, 16) * 10
+        # float64 formula: each output is a*cos - b*sin of FP32 values, so a few FP32 ulps of |x| apart
+        pos = torch.arange(seq, dtype=torch.float64)[:, None]
+        ang = pos * 500.0 ** (-torch.arange(8, dtype=torch.float64) / 8)
+        a, b = x.double().unflatten(-1, (8, 2)).unbind(-1)
+        want = torch.stack((a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()), -1).flatten(-2)
+        got = module(x)
+        bound = 8 * 2.0**-24 * (pos.abs() + 1) * x.abs().amax()  # angles of FP32 positions x frequencies
+        assert ((got.double() - want).abs() <= bound).all()
+        if seq > 12:  # beyond the tables: rotary's own computation
+            assert torch.equal(got, rotary(x, 500.0))
 
 
 def test_router_selects_with_bias_but_weights_ignore_it():
