@@ -110,8 +110,8 @@ class TrainConfig:
                             f"they are on the first and last pipeline rank: use dualpipev or dualpipe, or set "
                             f"model.{used[0]} = {shares[used[0]]}")
         if self.data.seq_len > m.max_seq_len:
-            problems.append(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}, the positions "
-                            "whose rotary tables the model precomputes: raise model.max_seq_len")
+            problems.append(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}, the "
+                            "positions whose rotary tables the model precomputes: raise model.max_seq_len")
         if self.data.seq_len <= m.mtp_depth:
             problems.append(f"data.seq_len={self.data.seq_len} leaves nothing to predict for model.mtp_depth="
                             f"{m.mtp_depth}: lengthen the sequences or lower the depth")
