@@ -84,25 +84,29 @@ __device__ __forceinline__ uint32_t pack_fp8(float a, float b, float c, float d,
 // fewest for 256 bytes.
 __device__ __forceinline__ int swizzled_unit(int row, int unit) { return row * (kRowWords / 2) + (unit ^ ((row >> 2) & 31)); }
 
-template <typename T, bool kPow2, bool kRow, bool kCol>
-__global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
-    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldx, uint8_t* __restrict__ q,
+// One 128x128 tile. kFull: the tile lies inside x, so no row or column is checked (every tile but the
+// last row and column of tiles); the pointers advance by a row or a column per step instead of being
+// recomputed in 64-bit from indices (address arithmetic and bounds checks were half the instructions).
+template <typename T, bool kPow2, bool kRow, bool kCol, bool kFull>
+__device__ __forceinline__ void quantize_tile(
+    uint2* tile, const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldx, uint8_t* __restrict__ q,
     float* __restrict__ s, int64_t ssr, int64_t ssc, uint8_t* __restrict__ qt, float* __restrict__ st,
-    int64_t sstr, int64_t sstc, uint32_t floor_bits) {
-  __shared__ __align__(16) uint2 tile[kCol ? kTile * kRowWords / 2 : 1];
+    int64_t sstr, int64_t sstc, uint32_t floor_bits, int64_t r0, int64_t c0) {
   constexpr unsigned kAll = 0xFFFFFFFFu;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t col = c0 + 4 * lane;  // cols % 4 == 0: a lane's 4 columns are all inside or all outside
-  const bool col_in = col < cols;
+  const int64_t row0 = r0 + warp * 16;  // this warp's 16 rows
+  const int64_t col = c0 + 4 * lane;    // cols % 4 == 0: a lane's 4 columns are all inside or all outside
+  const bool col_in = kFull || col < cols;
+  // rows of the warp inside x (<= 0: none)
+  const int row_end = kFull || rows - row0 >= 16 ? 16 : static_cast<int>(rows - row0);
 
-  // rows warp*16 .. warp*16+15 of the tile, all 16 loads issued before any use
+  // rows row0 .. row0+15 of the tile, all 16 loads issued before any use
   uint2 v[16];
+  const T* xp = x + row0 * ldx + col;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const int64_t row = r0 + warp * 16 + i;
+  for (int i = 0; i < 16; ++i, xp += ldx) {
     v[i] = make_uint2(0u, 0u);
-    if (col_in && row < rows) v[i] = *reinterpret_cast<const uint2*>(x + row * ldx + col);
+    if (kFull || (col_in && i < row_end)) v[i] = *reinterpret_cast<const uint2*>(xp);
   }
   if (kCol) {
 #pragma unroll
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
   }
 
   if (kRow) {
-    uint32_t mine = 0;  // lane i < 16: the amax of row warp*16+i
+    uint32_t mine = 0;  // lane i < 16: the amax of row row0+i
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const uint32_t m = __reduce_max_sync(kAll, fold(__vmaxu2(v[i].x & kAbs2, v[i].y & kAbs2)));
@@ -118,15 +122,14 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
     }
     const float scale = scale_of<T, kPow2>(mine, floor_bits);
     const float inv = __frcp_rn(scale);
-    const int64_t my_row = r0 + warp * 16 + lane;
-    if (lane < 16 && my_row < rows) s[my_row * ssr + blockIdx.x * ssc] = scale;
+    if (lane < 16 && (kFull || lane < row_end)) s[(row0 + lane) * ssr + blockIdx.x * ssc] = scale;
+    uint8_t* qp = q + row0 * cols + col;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 16; ++i, qp += cols) {
       const float inv_i = __shfl_sync(kAll, inv, i);
-      const int64_t row = r0 + warp * 16 + i;
-      if (col_in && row < rows) {
+      if (kFull || (col_in && i < row_end)) {
         const float2 a = unpack<T>(v[i].x), b = unpack<T>(v[i].y);
-        *reinterpret_cast<uint32_t*>(q + row * cols + col) = pack_fp8(a.x, a.y, b.x, b.y, inv_i);
+        *reinterpret_cast<uint32_t*>(qp) = pack_fp8(a.x, a.y, b.x, b.y, inv_i);
       }
     }
   }
@@ -134,7 +137,9 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
   if (kCol) {
     __syncthreads();
     // columns c0 + 16*warp .. +15 (units 4*warp .. 4*warp+3); lane j holds rows 4j..4j+3 of the tile
-    const int64_t row = r0 + 4 * lane;  // rows % 4 == 0: a lane's 4 rows are all inside or all outside
+    const bool row_in = kFull || r0 + 4 * lane < rows;  // rows % 4 == 0: all 4 rows inside or all outside
+    const int64_t cols_left = cols - c0 - 16 * warp;  // of this warp's 16 columns, those inside x (<= 0: none)
+    const int col_end = kFull || cols_left >= 16 ? 16 : static_cast<int>(cols_left);
     uint2 e[4][4];
     uint32_t mine = 0;  // lane k < 16: the amax of column c0 + 16*warp + k
 #pragma unroll
@@ -152,11 +157,10 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
     }
     const float scale = scale_of<T, kPow2>(mine, floor_bits);
     const float inv = __frcp_rn(scale);
-    const int64_t my_col = c0 + 16 * warp + lane;
-    if (lane < 16 && my_col < cols) st[my_col * sstr + blockIdx.y * sstc] = scale;
+    if (lane < 16 && (kFull || lane < col_end)) st[(c0 + 16 * warp + lane) * sstr + blockIdx.y * sstc] = scale;
+    uint8_t* qtp = qt + (c0 + 16 * warp) * rows + r0 + 4 * lane;
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int64_t c = c0 + 16 * warp + 4 * u;
       float f[4][4];  // [row][column of the unit]
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -164,13 +168,28 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
         f[i][0] = a.x; f[i][1] = a.y; f[i][2] = b.x; f[i][3] = b.y;
       }
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < 4; ++k, qtp += rows) {
         const float inv_k = __shfl_sync(kAll, inv, 4 * u + k);
-        if (c + k < cols && row < rows)
-          *reinterpret_cast<uint32_t*>(qt + (c + k) * rows + row) = pack_fp8(f[0][k], f[1][k], f[2][k], f[3][k], inv_k);
+        if (kFull || (row_in && 4 * u + k < col_end))
+          *reinterpret_cast<uint32_t*>(qtp) = pack_fp8(f[0][k], f[1][k], f[2][k], f[3][k], inv_k);
       }
     }
   }
+}
+
+template <typename T, bool kPow2, bool kRow, bool kCol>
+__global__ void __launch_bounds__(kWarps * 32) quantize_kernel(
+    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldx, uint8_t* __restrict__ q,
+    float* __restrict__ s, int64_t ssr, int64_t ssc, uint8_t* __restrict__ qt, float* __restrict__ st,
+    int64_t sstr, int64_t sstc, uint32_t floor_bits) {
+  __shared__ __align__(16) uint2 tile[kCol ? kTile * kRowWords / 2 : 1];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  if (r0 + kTile <= rows && c0 + kTile <= cols)
+    quantize_tile<T, kPow2, kRow, kCol, true>(tile, x, rows, cols, ldx, q, s, ssr, ssc, qt, st, sstr, sstc, floor_bits,
+                                              r0, c0);
+  else
+    quantize_tile<T, kPow2, kRow, kCol, false>(tile, x, rows, cols, ldx, q, s, ssr, ssc, qt, st, sstr, sstc,
+                                               floor_bits, r0, c0);
 }
 
 template <typename T, bool kRow, bool kCol>
