@@ -82,11 +82,14 @@ __device__ __forceinline__ uint32_t pack_fp8(float a, float b, float c, float d,
 // u ^ (r / 4 % 32). The row pass's stores (a row, 32 units) and the column pass's loads (one unit of rows
 // 4j..4j+3 in lane j) then each touch 32 distinct units of one row or of 32 rows: 2 wavefronts, the
 // fewest for 256 bytes.
-__device__ __forceinline__ int swizzled_unit(int row, int unit) { return row * (kRowWords / 2) + (unit ^ ((row >> 2) & 31)); }
+__device__ __forceinline__ int swizzled_unit(int row, int unit) {
+  return row * (kRowWords / 2) + (unit ^ ((row >> 2) & 31));
+}
 
 // One 128x128 tile. kFull: the tile lies inside x, so no row or column is checked (every tile but the
 // last row and column of tiles); the pointers advance by a row or a column per step instead of being
-// recomputed in 64-bit from indices (address arithmetic and bounds checks were half the instructions).
+// recomputed in 64-bit from indices (the address arithmetic and bounds checks were about a quarter of the
+// kernel's PTX instructions).
 template <typename T, bool kPow2, bool kRow, bool kCol, bool kFull>
 __device__ __forceinline__ void quantize_tile(
     uint2* tile, const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldx, uint8_t* __restrict__ q,
