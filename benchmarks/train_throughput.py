@@ -18,8 +18,9 @@ invocation. Variants run one after the other: on a GPU compare them within one i
   k-grouped CUTLASS kernel, cuBLAS where CUTLASS does not run a shape);  ``fp8-cutlass-wgrad``: ``fp8``
   with only the experts' weight gradients on that CUTLASS kernel (``train.fp8_wgrad_backend = "cutlass"``);
   ``fp8-snapshots``: ``fp8`` with the weights quantized once a step (``train.fp8_weight_snapshots``);
-  ``fp8-cuda-quant``: ``fp8`` with the CUDA library's fused activation quantizer (``train.fp8_quant_backend
-  = "cuda"``).
+  ``fp8-cuda-quant``: ``fp8`` with the CUDA library's activation quantizer (``train.fp8_quant_backend =
+  "cuda"``: what ``auto`` takes where the library is built; this variant fails where it is not);
+  ``fp8-triton-quant``: ``fp8`` with Triton's quantizers only (``train.fp8_quant_backend = "triton"``).
 - ``hf-eager``, ``hf-grouped_mm``: the peer, transformers' ``DeepseekV3ForCausalLM`` at the same widths,
   batch and data (benchmarks/hf_peer.py; one GPU, MLA configs; transformers must be installed).
 
@@ -73,6 +74,7 @@ VARIANTS = {
     "fp8-cutlass-wgrad": ["--train.fp8=true", "--train.fp8_wgrad_backend=cutlass"],
     "fp8-snapshots": ["--train.fp8=true", "--train.fp8_weight_snapshots=true"],
     "fp8-cuda-quant": ["--train.fp8=true", "--train.fp8_quant_backend=cuda"],
+    "fp8-triton-quant": ["--train.fp8=true", "--train.fp8_quant_backend=triton"],
     "hf-eager": [],
     "hf-grouped_mm": [],
 }

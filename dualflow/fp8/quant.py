@@ -177,16 +177,22 @@ def transposed_blocks(q: torch.Tensor, scales: torch.Tensor, groups: int) -> tup
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def resolve_quant_backend(backend: str, device: torch.device | str) -> str:
-    """The quantization backend ``backend`` selects on ``device``: ``auto`` is ``triton`` where its kernels run
-    on a CUDA device (:mod:`dualflow.fp8.triton_support`: compute capability 8.9+) and ``reference``
-    otherwise; ``triton`` or ``cuda`` where it cannot run raises ``RuntimeError`` with the reason.
+    """The quantization backend ``backend`` selects on ``device``: ``auto`` is ``cuda`` on a CUDA device where
+    Triton's kernels run (:mod:`dualflow.fp8.triton_support`: compute capability 8.9+) and the project's CUDA
+    library is built, ``triton`` where only Triton's run, and ``reference`` otherwise; ``triton`` or ``cuda``
+    where it cannot run raises ``RuntimeError`` with the reason.
 
     ``cuda`` is the project's CUDA library for the activation layouts (1x128, 128x1, both) of 16-bit
     inputs (:mod:`dualflow.fp8.cuda_quant`) and Triton's kernels for every other layout and input; it needs
-    both."""
+    both. It is ``auto``'s first choice because it measured faster than Triton's kernels in every activation
+    layout at every shape benchmarked, with the same bits (benchmarks/NOTES_gpu.md row 30)."""
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
+        if device.type != "cuda" or triton_unavailable_reason(device) is not None:
+            return "reference"
+        from dualflow.fp8.cuda_quant import unavailable_reason
+
+        return "cuda" if unavailable_reason(device) is None else "triton"
     if backend == "reference":
         return backend
     if backend in TRITON_QUANT_BACKENDS:

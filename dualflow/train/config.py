@@ -28,8 +28,9 @@ class RunConfig:
     # fp8_wgrad_backend: the routed experts' weight-gradient kernel (Fp8Recipe.wgrad_backend: "auto",
     # "cutlass", "triton")
     fp8_wgrad_backend: str = "auto"
-    # fp8_quant_backend: the quantizers (Fp8Recipe.quant_backend: "auto", "triton", "cuda" = the CUDA
-    # library's fused activation quantizer with Triton for the rest, "reference")
+    # fp8_quant_backend: the quantizers (Fp8Recipe.quant_backend: "auto" = "cuda" where the CUDA library is
+    # built, else "triton"; "cuda" = the CUDA library's activation quantizer with Triton for the rest;
+    # "triton"; "reference")
     fp8_quant_backend: str = "auto"
     # fp8_weight_snapshots: compiled FP8 layers read their weights' FP8 copies from snapshots rewritten
     # once per optimizer step (dualflow.fp8.enable_fp8_snapshots) instead of quantizing them for every

@@ -75,11 +75,12 @@ def test_128x128_with_its_transpose_matches_the_cpu_reference_bit_for_bit(rows, 
         (assert_same_scales if g.dtype == torch.float32 else assert_same_fp8)(g.cpu(), r)
 
 
-def test_auto_picks_triton_for_cuda_tensors():
+def test_auto_picks_the_cuda_library_else_triton_for_cuda_tensors():
     x = torch.randn(256, 512, device=CUDA)
+    from dualflow.fp8 import cuda_quant
     from dualflow.fp8.quant import _resolve
 
-    assert _resolve("auto", x) == "triton"
+    assert _resolve("auto", x) == ("cuda" if cuda_quant.unavailable_reason(CUDA) is None else "triton")
     assert available_backends(CUDA)["triton"] is None
 
 
