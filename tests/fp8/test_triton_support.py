@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from dualflow.fp8 import BackendUnavailable, available_backends, resolve_backend, triton_support
+from dualflow.fp8 import BackendUnavailable, available_backends, cuda_quant, resolve_backend, triton_support
 from dualflow.fp8 import gemm as gemm_mod
-from dualflow.fp8 import cuda_quant
 from dualflow.fp8.quant import resolve_quant_backend
 from dualflow.fp8.triton_support import triton_unavailable_reason
 
