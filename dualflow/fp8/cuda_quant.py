@@ -32,15 +32,25 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def _library_problem() -> str | None:
+    # once per process, failure included: `auto` asks at every resolution, and a missing library would
+    # otherwise be looked for again each time
+    try:
+        _library()
+    except _cuda.CudaLibraryError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
 def unavailable_reason(device: torch.device | str) -> str | None:
     """Why the kernel cannot run on ``device`` (None: it can): the library, or a device before sm_89."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"it runs on CUDA devices, not {device.type}"
-    try:
-        _library()
-    except _cuda.CudaLibraryError as exc:
-        return str(exc).splitlines()[0]
+    problem = _library_problem()
+    if problem is not None:
+        return problem
     major, minor = triton_support.device_capability(device)  # the one capability query (tests replace it)
     if (major, minor) < (8, 9):
         return f"FP8 conversion needs compute capability 8.9 or later, this device has {major}.{minor}"

@@ -48,14 +48,17 @@ def test_cpu_needs_the_interpreter(monkeypatch):
     assert triton_unavailable_reason(CUDA, capability=(9, 0)) == "triton is not installed (pip install triton)"
 
 
-def test_quantizers_fall_through_on_an_older_gpu(gpu_of):
+def test_quantizers_fall_through_on_an_older_gpu(gpu_of, monkeypatch):
     gpu_of((8, 0))
     assert resolve_quant_backend("auto", CUDA) == "reference"
     with pytest.raises(RuntimeError, match=r"quantization backend 'triton' cannot run here: .* has 8\.0 \(sm80\)"):
         resolve_quant_backend("triton", CUDA)
     gpu_of((8, 9))
-    # auto prefers the CUDA library's activation quantizer where it is built (it loads without a GPU)
-    assert resolve_quant_backend("auto", CUDA) == ("cuda" if cuda_quant.unavailable_reason(CUDA) is None else "triton")
+    with monkeypatch.context() as m:  # auto prefers the CUDA library's activation quantizer where it is built
+        m.setattr(cuda_quant, "_library_problem", lambda: None)
+        assert resolve_quant_backend("auto", CUDA) == "cuda"
+        m.setattr(cuda_quant, "_library_problem", lambda: "libdualflow_cuda is not available")
+        assert resolve_quant_backend("auto", CUDA) == "triton"
     assert resolve_quant_backend("triton", CUDA) == "triton"
     assert resolve_quant_backend("auto", "cpu") == "reference"  # auto picks Triton for CUDA tensors only
     assert resolve_quant_backend("triton", "cpu") == "triton"
