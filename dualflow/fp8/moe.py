@@ -65,7 +65,7 @@ def run_swiglu_quantize(h: torch.Tensor, pow2_scales: bool, fused: bool, quant_b
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_forward
 
-        return swiglu_forward(h, pow2_scales, end)
+        return swiglu_forward(h, pow2_scales, end, resolve_quant_backend(quant_backend, h.device))
     return run_quantizer(_swiglu(h), True, True, False, pow2_scales, quant_backend)
 
 
@@ -87,7 +87,7 @@ def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales:
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_backward
 
-        return swiglu_backward(h, da, pow2_scales, end)
+        return swiglu_backward(h, da, pow2_scales, end, resolve_quant_backend(quant_backend, h.device))
     gate, up = h.float().chunk(2, dim=-1)
     sig = 1.0 / (1.0 + torch.exp(-gate))
     d = da.float()

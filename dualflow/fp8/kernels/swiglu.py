@@ -6,9 +6,10 @@ where it is computed, so it never travels to another kernel in BF16 for its 1x12
 
 Each kernel computes its value in FP32, rounds it to the input's dtype (the value a BF16 step would hold),
 writes that and its 1x128 quantization in one pass over 32-row x 128-column tiles (few registers per
-thread, so many tiles in flight); the 128x1 quantization is the column-wise quantizer of
-:mod:`dualflow.fp8.kernels.quant` over the written value. (One kernel producing both layouts from a
-128x128 tile held in registers ran at about 15-20% of the copy bandwidth on an H200: the tiles spill.)
+thread, so many tiles in flight); the 128x1 quantization is the quantization backend's column-wise
+quantizer over the written value (Triton's, or the CUDA library's under ``cuda``). (One kernel producing
+both layouts from a 128x128 tile held in registers ran at about 15-20% of the copy bandwidth on an H200:
+the tiles spill.)
 ``silu(g) = g / (1 + exp(-g))``; the scales and rounding are the quantizer's own code.
 """
 
@@ -19,8 +20,7 @@ import triton
 import triton.language as tl
 
 from dualflow.fp8.kernels.quant import _abs_bits, _scale, _to_fp8
-from dualflow.fp8.kernels.quant import quantize as _quantize
-from dualflow.fp8.quant import BLOCK, FP8_DTYPE
+from dualflow.fp8.quant import BLOCK, FP8_DTYPE, run_quantizer
 
 _ROWS = 32
 
@@ -97,14 +97,18 @@ def _rowwise_outputs(rows: int, cols: int, dtype: torch.dtype, device: torch.dev
     return v, q, s
 
 
-def _columnwise(v: torch.Tensor, pow2_scales: bool):
-    _, _, qt, st = _quantize(v, rowwise=False, colwise=True, blockwise=False, pow2_scales=pow2_scales)
+def _columnwise(v: torch.Tensor, pow2_scales: bool, quant_backend: str):
+    # the 128x1 layout through the quantization backend's dispatch: the CUDA library's kernel under `cuda`
+    # (faster than Triton's column quantizer: benchmarks/NOTES_gpu.md row 30), Triton's otherwise
+    _, _, qt, st = run_quantizer(v, False, True, False, pow2_scales, quant_backend)
     return qt, st
 
 
-def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None):
+def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None,
+                   quant_backend: str = "triton"):
     """``(q, s, qt, st)`` of ``silu(gate) * up`` for ``h = [gate | up]``; with ``end`` (a device scalar), rows
-    from ``end`` on are skipped and their outputs are undefined."""
+    from ``end`` on are skipped and their outputs are undefined. ``quant_backend`` (``triton`` or ``cuda``)
+    quantizes the 128x1 layout."""
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, hidden, h.dtype, h.device)
@@ -112,11 +116,13 @@ def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None 
         _swiglu_fwd_kernel[(triton.cdiv(t, _ROWS), triton.cdiv(hidden, 128))](
             h, t, hidden, h.stride(0), v, v.stride(0), q, q.stride(0), s, s.stride(0),
             end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, ROWS=_ROWS, num_warps=4)
-    return (q, s, *_columnwise(v, pow2_scales))
+    return (q, s, *_columnwise(v, pow2_scales, quant_backend))
 
 
-def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None):
-    """``(q, s, qt, st)`` of ``dh`` (``[T, 2H]``) from ``h`` and ``da``; ``H % 128 == 0``; ``end`` as above."""
+def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None,
+                    quant_backend: str = "triton"):
+    """``(q, s, qt, st)`` of ``dh`` (``[T, 2H]``) from ``h`` and ``da``; ``H % 128 == 0``; ``end`` and
+    ``quant_backend`` as above."""
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, two_h, h.dtype, h.device)
@@ -124,4 +130,4 @@ def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: t
         _swiglu_bwd_kernel[(triton.cdiv(t, _ROWS), 2 * (hidden // 128))](
             h, da, t, hidden, h.stride(0), da.stride(0), v, v.stride(0), q, q.stride(0), s, s.stride(0),
             end if end is not None else s, HAS_END=end is not None, POW2=pow2_scales, ROWS=_ROWS, num_warps=4)
-    return (q, s, *_columnwise(v, pow2_scales))
+    return (q, s, *_columnwise(v, pow2_scales, quant_backend))
