@@ -84,6 +84,11 @@ def quantize(x: torch.Tensor, *, rowwise: bool, colwise: bool, pow2_scales: bool
     return launch(x, rowwise, colwise, pow2_scales, m_major)
 
 
+def _layout_args(q: torch.Tensor | None, s: torch.Tensor | None) -> tuple[int, int, int, int]:
+    # one layout's outputs as the C ABI takes them: pointers and the scales' strides (zeros: not asked for)
+    return (q.data_ptr(), s.data_ptr(), *s.stride()) if q is not None else (0, 0, 0, 0)
+
+
 def launch(x: torch.Tensor, rowwise: bool, colwise: bool, pow2_scales: bool,
            m_major: bool) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize` without the check, for a caller that made it (the quantizer's dispatch, once per
@@ -102,9 +107,7 @@ def launch(x: torch.Tensor, rowwise: bool, colwise: bool, pow2_scales: bool,
         stream = torch.cuda.current_stream(x.device).cuda_stream
         rc = lib.dualflow_quantize_act(
             x.data_ptr(), _DTYPES[x.dtype], rows, cols, x.stride(0) if rows > 1 else cols, rowwise | colwise << 1,
-            q.data_ptr() if rowwise else 0, s.data_ptr() if rowwise else 0, s.stride(0) if rowwise else 0,
-            s.stride(1) if rowwise else 0, qt.data_ptr() if colwise else 0, st.data_ptr() if colwise else 0,
-            st.stride(0) if colwise else 0, st.stride(1) if colwise else 0, AMAX_FLOOR, int(pow2_scales), stream)
+            *_layout_args(q, s), *_layout_args(qt, st), AMAX_FLOOR, int(pow2_scales), stream)
         if rc != 0:
             raise _cuda.CudaLibraryError(f"dualflow_quantize_act failed (status {rc}): "
                                          f"{lib.dualflow_last_error().decode(errors='replace')}")

@@ -53,9 +53,10 @@ def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = Non
 
     ``end`` (a device scalar) lets the fused kernel skip the rows from ``end`` on (left undefined).
     """
+    backend = resolve_quant_backend(recipe.quant_backend, h.device)  # once: the operator takes it resolved
     if fused is None:
-        fused = _kernels_usable(h, recipe)
-    q, s, qt, st = torch.ops.dualflow.swiglu_quantize(h, recipe.pow2_scales, fused, recipe.quant_backend, end)
+        fused = backend in TRITON_QUANT_BACKENDS
+    q, s, qt, st = torch.ops.dualflow.swiglu_quantize(h, recipe.pow2_scales, fused, backend, end)
     return (q, s), (qt, st)
 
 
@@ -65,7 +66,7 @@ def run_swiglu_quantize(h: torch.Tensor, pow2_scales: bool, fused: bool, quant_b
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_forward
 
-        return swiglu_forward(h, pow2_scales, end, resolve_quant_backend(quant_backend, h.device))
+        return swiglu_forward(h, pow2_scales, end, quant_backend)
     return run_quantizer(_swiglu(h), True, True, False, pow2_scales, quant_backend)
 
 
@@ -73,10 +74,10 @@ def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recip
                              end: torch.Tensor | None = None) -> tuple[Quantized, Quantized]:
     """The gradient of :func:`swiglu_quantize`'s input, ``dh [T, 2H]``, quantized 1x128 and 128x1."""
     hidden = h.shape[1] // 2
+    backend = resolve_quant_backend(recipe.quant_backend, h.device)
     if fused is None:
-        fused = _kernels_usable(h, recipe) and hidden % BLOCK == 0
-    q, s, qt, st = torch.ops.dualflow.swiglu_backward_quantize(h, da, recipe.pow2_scales, fused,
-                                                               recipe.quant_backend, end)
+        fused = backend in TRITON_QUANT_BACKENDS and hidden % BLOCK == 0
+    q, s, qt, st = torch.ops.dualflow.swiglu_backward_quantize(h, da, recipe.pow2_scales, fused, backend, end)
     return (q, s), (qt, st)
 
 
@@ -87,7 +88,7 @@ def run_swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, pow2_scales:
     if fused:
         from dualflow.fp8.kernels.swiglu import swiglu_backward
 
-        return swiglu_backward(h, da, pow2_scales, end, resolve_quant_backend(quant_backend, h.device))
+        return swiglu_backward(h, da, pow2_scales, end, quant_backend)
     gate, up = h.float().chunk(2, dim=-1)
     sig = 1.0 / (1.0 + torch.exp(-gate))
     d = da.float()

@@ -261,8 +261,8 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, max_seq: int) -> None:
         super().__init__()
-        self.half, self.theta = head_dim // 2, theta
-        cos, sin = rotary_tables(max_seq, self.half, theta)
+        self.theta = theta
+        cos, sin = rotary_tables(max_seq, head_dim // 2, theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -278,7 +278,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+        self.n_heads = cfg.n_heads
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
@@ -311,7 +311,7 @@ class LatentAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+        self.n_heads = cfg.n_heads
         self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank, self.q_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         qk = cfg.n_heads * (self.nope + self.rope)

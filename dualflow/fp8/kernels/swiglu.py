@@ -107,8 +107,8 @@ def _columnwise(v: torch.Tensor, pow2_scales: bool, quant_backend: str):
 def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None,
                    quant_backend: str = "triton"):
     """``(q, s, qt, st)`` of ``silu(gate) * up`` for ``h = [gate | up]``; with ``end`` (a device scalar), rows
-    from ``end`` on are skipped and their outputs are undefined. ``quant_backend`` (``triton`` or ``cuda``)
-    quantizes the 128x1 layout."""
+    from ``end`` on are skipped and their outputs are undefined. ``quant_backend`` (a quantization backend
+    name, as :func:`dualflow.fp8.quant.run_quantizer` takes it) quantizes the 128x1 layout."""
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, hidden, h.dtype, h.device)
