@@ -40,7 +40,9 @@ extern "C" {
 
 // 2: dualflow_cutlass_grouped_gemm takes the `errors` record of malformed offsets
 // 3: dualflow_quantize_1x128_128x1
-int dualflow_abi_version(void) { return 4; }
+// 4: dualflow_quantize_act (every activation layout from one entry point)
+// 5: dualflow_grouped_scales_mn_major
+int dualflow_abi_version(void) { return 5; }
 
 const char* dualflow_last_error(void) { return dualflow::g_last_error.c_str(); }
 

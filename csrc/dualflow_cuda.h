@@ -44,6 +44,15 @@ DUALFLOW_API int dualflow_quantize_act(uintptr_t x, int dtype, int64_t rows, int
                                        uintptr_t q, uintptr_t s, int64_t ssr, int64_t ssc, uintptr_t qt, uintptr_t st,
                                        int64_t sstr, int64_t sstc, float amax_floor, int pow2, uintptr_t stream);
 
+// The 1x128 scales s [rows, kb] (strides ssr, ssc; FP32) of the grouped GEMMs' contiguous layout, rearranged
+// for the grouped kernel: out (FP32, rows * kb) holds group g's scales as an MN-major block [kb, m_g] starting
+// at element offsets[g] * kb, m_g = offsets[g + 1] - offsets[g]. offsets (int32 or int64 by offset_bytes,
+// groups + 1 entries, on the device) are read on the device only; entries of out outside every group hold
+// some scale of s (reads are clamped into s). Equal to dualflow/fp8/cutlass.py's grouped_scales_mn_major.
+DUALFLOW_API int dualflow_grouped_scales_mn_major(uintptr_t s, int64_t rows, int64_t kb, int64_t ssr, int64_t ssc,
+                                                  uintptr_t offsets, int offset_bytes, int64_t groups, uintptr_t out,
+                                                  uintptr_t stream);
+
 #ifdef __cplusplus
 }
 #endif

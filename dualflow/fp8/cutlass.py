@@ -13,7 +13,8 @@ ctypes on the current stream of the operands' device. See docs/cutlass.md.
 
 Scales arrive in the FP8 engine's layouts (K-major: ``[rows, K/128]``). The kernels load A's scales
 MN-major (``[K/128, rows]``, padded to 4 rows so that TMA can load them): :func:`scales_mn_major` and
-:func:`grouped_scales_mn_major` convert them, inside every call.
+:func:`grouped_scales_mn_major` convert them, inside every call (the grouped GEMM through the library's
+one-kernel :func:`grouped_scales_mn_major_cuda`; the torch function is its reference).
 
 Tile configurations are chosen by :func:`choose_config` or forced with ``config=`` or the environment
 variable ``DUALFLOW_CUTLASS_CONFIG`` (comma-separated names; a call uses the first of its kind).
@@ -155,6 +156,28 @@ def grouped_scales_mn_major(scales: torch.Tensor, group_offsets: torch.Tensor) -
     return scales.reshape(-1)[src.clamp_(0, rows * kb - 1)]
 
 
+def grouped_scales_mn_major_cuda(scales: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_scales_mn_major` in one kernel of the library (the same elements, bit for bit;
+    ``scales`` with any strides): what the grouped GEMM runs. The torch version is a dozen small kernels a
+    call, which a training step of many grouped GEMMs felt (benchmarks/NOTES_gpu.md)."""
+    rows, kb = scales.shape
+    out = torch.empty(rows * kb, dtype=torch.float32, device=scales.device)
+    if rows * kb == 0:
+        return out
+    if scales.dtype != torch.float32 or group_offsets.dtype not in (torch.int32, torch.int64) or \
+            group_offsets.dim() != 1 or group_offsets.numel() < 2 or group_offsets.device != scales.device:
+        raise ValueError(f"grouped_scales_mn_major_cuda takes FP32 scales and int32/int64 offsets of >= 2 entries on "
+                         f"one device, got {scales.dtype} on {scales.device} and {group_offsets.dtype} "
+                         f"{tuple(group_offsets.shape)} on {group_offsets.device}")
+    offsets = group_offsets.contiguous()
+    _library()
+    with torch.cuda.device(scales.device):  # the launch goes to the current device's context
+        _cuda.call("dualflow_grouped_scales_mn_major", scales.data_ptr(), rows, kb, scales.stride(0),
+                   scales.stride(1), offsets.data_ptr(), offsets.element_size(), offsets.numel() - 1, out.data_ptr(),
+                   torch.cuda.current_stream(scales.device).cuda_stream)
+    return out
+
+
 def block_scales_to_rows(b_scales: torch.Tensor, n: int) -> torch.Tensor:
     """128x128 block scales ``[ceil(N/128), KB]`` -> the equal 1x128 tile scales ``[N, KB]``."""
     return b_scales.repeat_interleave(BLOCK, dim=0)[:n]
@@ -180,6 +203,7 @@ def _library() -> ctypes.CDLL:
                                                 ptr, i64, c.c_int, c.c_int, ptr, c.c_size_t, ptr]
     lib.dualflow_cutlass_grouped_gemm.argtypes = [c.c_char_p, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c.c_int,
                                                   ptr, ptr, c.c_int, ptr, c.c_size_t, ptr]
+    lib.dualflow_grouped_scales_mn_major.argtypes = [ptr, i64, i64, i64, i64, ptr, c.c_int, i64, ptr, ptr]
     if hasattr(lib, "dualflow_cutlass_kgrouped_wgrad"):  # absent from libraries built before it existed
         lib.dualflow_cutlass_kgrouped_wgrad.argtypes = [c.c_char_p, i64, i64, i64, i64, ptr, i64, ptr, ptr, i64,
                                                         ptr, ptr, c.c_int, ptr, ptr, c.c_int, ptr, c.c_size_t, ptr]
@@ -462,7 +486,7 @@ def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     offsets = group_offsets.contiguous()
     config = resolve_config("grouped", t, n, k, config, groups=groups, num_sms=_num_sms(device))
     with nvtx.range(f"cutlass.grouped_gemm.{config}"):
-        sfa = grouped_scales_mn_major(a_scales, offsets)
+        sfa = grouped_scales_mn_major_cuda(a_scales, offsets)
         sfb = b_scales.contiguous()
         _launch("dualflow_cutlass_grouped_gemm", device, config, (t, n, k, groups, k, k, n, 0, 0),
                 t, n, k, groups, a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), offsets.data_ptr(),

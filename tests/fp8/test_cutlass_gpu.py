@@ -312,6 +312,28 @@ def test_grouped_with_malformed_offsets_stays_in_bounds(config, offsets, index_d
         assert int(written.sum()) == offsets[-1] - offsets[0]
 
 
+@pytest.mark.parametrize("offsets", [[0, 128, 384, 384, 1024], [0, 5, 17, 400, 1000], [0, 0, 0, 1024],
+                                     [0, 500, 100, 1024], [-7, 3, 2, 1024], [0, 100, 256, 1480], [-200, -100, 150, 120],
+                                     [3, 900, 4, 1024], [0, 1024]], ids=lambda o: "_".join(map(str, o)))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("m_major", [False, True])
+def test_grouped_scales_kernel_equals_the_torch_gather(offsets, index_dtype, m_major):
+    # the library's one-kernel conversion against the torch reference, bit for bit (a gather: no
+    # arithmetic on the values), on well-formed, unsorted, negative and overshooting offsets, with
+    # NaN/Inf/denormal scales and both scale layouts the quantizers write
+    from tests.fp8.test_cutlass import _adversarial_scales
+
+    t, kb = 1024, 7
+    s = _adversarial_scales(t, kb, len(offsets)).cuda()
+    if m_major:
+        s = s.t().contiguous().t()
+    index = torch.tensor(offsets, dtype=index_dtype, device="cuda")
+    got = cl.grouped_scales_mn_major_cuda(s, index)
+    want = cl.grouped_scales_mn_major(s, index)
+    assert got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_grouped_malformed_offsets_reach_the_error_flag():
     a, sa = quantize_1x128(_data(256, 256, 46, False))
     _, b, sb = _experts(3, 128, 256, 47, False)
