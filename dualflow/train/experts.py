@@ -78,7 +78,10 @@ def plan_routes(local_idx: torch.Tensor, n_experts: int, align: int, all_local: 
     ends = torch.cumsum(padded, 0)
     starts = torch.cat([ends.new_zeros(1), ends])  # the parked pairs start after the last block
     first = torch.cumsum(counts, 0) - counts  # each key's first position in sorted order
-    order = torch.argsort(key, stable=True)
+    # the narrowest integer type that holds the keys: a GPU radix sort makes one pass per key byte (int64
+    # keys took 8 passes a call; the order of a stable sort does not depend on the type)
+    narrow = torch.int16 if n_experts < 2**15 else torch.int32
+    order = torch.argsort(key.to(narrow), stable=True)
     sorted_key = key[order]
     rank_in_group = torch.arange(pairs, device=key.device) - first[sorted_key]
     dest = torch.empty_like(order).scatter_(0, order, starts[sorted_key] + rank_in_group)
