@@ -237,37 +237,13 @@ def rotary_tables(seq: int, half: int, theta: float,
     return angles.cos(), angles.sin()
 
 
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., 2 * half] with each adjacent channel pair rotated by the angles of the tables, which
+    broadcast against ``x`` [..., half] (``[seq, half]`` for ``x`` [..., seq, 2 * half])."""
     half = x.shape[-1] // 2
     xf = _at_least_fp32(x).unflatten(-1, (half, 2))
     a, b = xf[..., 0], xf[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
-
-
-class _RotaryFn(torch.autograd.Function):
-    """The rotation with its backward written as what it is, the inverse rotation of the gradient.
-
-    Autograd of the pair formula scatters each output pair's gradient back through selects and a stack;
-    compiled, that backward (fused with the split of the attention's projection) ran at a quarter of the
-    forward's speed on an H200 (benchmarks/NOTES_gpu.md). The same products and sums in FP32: equal values.
-    """
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate_pairs(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate_pairs(grad, cos, -sin), None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` [..., seq, 2 * half] with each adjacent channel pair rotated by the tables' [seq, half] angles."""
-    if cos.requires_grad or sin.requires_grad:  # learnt tables: autograd of the formula gives theirs too
-        return _rotate_pairs(x, cos, sin)
-    return _RotaryFn.apply(x, cos, sin)
 
 
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -291,11 +267,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[-2]
-        if seq > self.cos.shape[0]:
-            return rotary(x, self.theta)
-        return apply_rotary(x, self.cos[:seq], self.sin[:seq])
+    def forward(self, x: torch.Tensor, seq_dim: int = -2) -> torch.Tensor:
+        """``x`` rotated by the angles of its positions along ``seq_dim`` (the channels last)."""
+        dims = x.dim()
+        seq_dim = seq_dim % dims
+        if seq_dim == dims - 1:
+            raise ValueError(f"seq_dim must not be the channel dimension (the last of {dims})")
+        seq = x.shape[seq_dim]
+        cos, sin = ((self.cos[:seq], self.sin[:seq]) if seq <= self.cos.shape[0] else
+                    rotary_tables(seq, x.shape[-1] // 2, self.theta, x.device))
+        shape = (seq,) + (1,) * (dims - seq_dim - 2) + (cos.shape[-1],)  # broadcast over the dims in between
+        return apply_rotary(x, cos.view(shape), sin.view(shape))
 
 
 class Attention(nn.Module):
@@ -310,8 +292,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.wqkv(x).chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
+        q, k, v = self.wqkv(x).view(b, s, 3, self.n_heads, -1).unbind(2)  # [b, s, heads, head_dim] each
+        # rotated in the projection's own order, heads swapped with positions only as views for the
+        # attention: rotated after the swap, the rotary's backward wrote the projection's gradient through
+        # a transpose, at a fifth of the memory bandwidth (benchmarks/NOTES_gpu.md row 37)
+        q, k = self.rotary(q, seq_dim=1), self.rotary(k, seq_dim=1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -358,14 +344,15 @@ class LatentAttention(nn.Module):
         q, kv_a = shared_input(x, [self.wq_a if self.q_rank else self.wq, self.wkv_a])
         if self.q_rank:
             q = self.wq_b(self.q_norm(q))
-        q_nope, q_rope = q.view(b, s, h, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        # [b, s, heads, width] throughout, as Attention does: the heads swapped with positions only as views
+        q_nope, q_rope = q.view(b, s, h, -1).split([self.nope, self.rope], dim=-1)
         latent, k_rope = kv_a.split([self.kv_rank, self.rope], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent)).view(b, s, h, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-        k_rope = self.rotary(k_rope.unsqueeze(1)).expand(b, h, s, self.rope)
-        q = torch.cat([q_nope, self.rotary(q_rope)], dim=-1)
+        k_nope, v = self.wkv_b(self.kv_norm(latent)).view(b, s, h, -1).split([self.nope, self.vdim], dim=-1)
+        k_rope = self.rotary(k_rope, seq_dim=1)[:, :, None].expand(b, s, h, self.rope)  # shared by the heads
+        q = torch.cat([q_nope, self.rotary(q_rope, seq_dim=1)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(nope + rope)
+        # scale 1/sqrt(nope + rope)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, h * self.vdim))
 
 

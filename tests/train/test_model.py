@@ -63,35 +63,18 @@ def test_rotary_module_with_its_tables_matches_the_formula_and_computes_longer_s
         assert ((got.double() - want).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_backward_is_the_inverse_rotation_of_autograds_formula(dtype):
-    # the hand-written backward against autograd of the pair formula: one product pair and one sum per
-    # element in FP32 either way, so equal values on any CPU (a zero's sign may differ; NaN where inf*0)
-    from dualflow.train.model import _rotate_pairs, apply_rotary, rotary_tables
-
-    cos, sin = rotary_tables(9, 4, 1000.0)
-    x = (torch.randn(2, 3, 9, 8) * 10).to(dtype)
-    x[0, 0, 0, :2] = torch.tensor([float("inf"), 0.0])  # non-finite and zero inputs go through alike
-    g = torch.randn(2, 3, 9, 8).to(dtype)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = apply_rotary(x1, cos, sin), _rotate_pairs(x2, cos, sin)
-    exact = dict(rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(y1, y2, **exact)
-    y1.backward(g)
-    y2.backward(g)
-    assert x1.grad.dtype == dtype
-    torch.testing.assert_close(x1.grad, x2.grad, **exact)
-    # and it is the inverse rotation: rotating the gradient back and forth gives it again (FP32 rounding)
-    if dtype == torch.float32:
-        torch.testing.assert_close(apply_rotary(x1.grad[1:], cos, sin), g[1:], rtol=1e-6, atol=1e-5)
-
-
-def test_rotary_with_learnt_tables_gives_them_gradients():
-    from dualflow.train.model import apply_rotary, rotary_tables
-
-    cos, sin = (t.requires_grad_() for t in rotary_tables(5, 4, 100.0))
-    apply_rotary(torch.randn(1, 2, 5, 8), cos, sin).square().sum().backward()
-    assert cos.grad is not None and sin.grad is not None and cos.grad.abs().sum() > 0
+def test_rotary_along_any_position_dimension_is_the_same_rotation():
+    # [b, s, heads, d] rotated along dim 1 (what the attention modules do) against [b, heads, s, d] along
+    # dim -2: the same products and sums per element, so the same bits on any CPU; inside the tables and
+    # beyond them (computed at the call)
+    module = Rotary(8, 300.0, max_seq=6)
+    for seq in (6, 9):
+        x = torch.randn(2, seq, 3, 8)
+        torch.testing.assert_close(module(x, seq_dim=1), module(x.transpose(1, 2)).transpose(1, 2), rtol=0, atol=0)
+        k = torch.randn(2, seq, 8)  # MLA's rotary key part: [b, s, d], positions at -2
+        torch.testing.assert_close(module(k, seq_dim=1), module(k), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seq_dim must not be the channel dimension"):
+        module(torch.randn(2, 4, 8), seq_dim=-1)
 
 
 def test_router_selects_with_bias_but_weights_ignore_it():
