@@ -66,6 +66,23 @@ def test_errors_carry_the_library_message(lib):
     _cuda.call("dualflow_fill_u32", 0, 0, 0, 0)
 
 
+def test_grouped_scale_conversion_checks_its_arguments_before_the_gpu(lib):
+    # every check runs on the host, before a launch: no GPU needed
+    fn = lib.dualflow_grouped_scales_mn_major
+    i64, ptr = ctypes.c_int64, ctypes.c_size_t
+    fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, ptr, ptr]
+    name = "dualflow_grouped_scales_mn_major"
+    with pytest.raises(_cuda.CudaLibraryError, match="groups must be >= 1, got 0"):
+        _cuda.call(name, 256, 4, 2, 2, 1, 512, 4, 0, 1024, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match=r"int32 or int64 \(4 or 8 bytes\), got 2"):
+        _cuda.call(name, 256, 4, 2, 2, 1, 512, 2, 1, 1024, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match="negative size"):
+        _cuda.call(name, 256, -4, 2, 2, 1, 512, 4, 1, 1024, 0)
+    with pytest.raises(_cuda.CudaLibraryError, match="null or misaligned pointer"):
+        _cuda.call(name, 258, 4, 2, 2, 1, 512, 4, 1, 1024, 0)
+    _cuda.call(name, 0, 0, 2, 2, 1, 0, 4, 1, 0, 0)  # nothing to convert: returns before any launch
+
+
 def test_device_count_without_driver_is_an_error_not_a_crash(lib):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; covered by the gpu test")

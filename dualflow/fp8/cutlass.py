@@ -158,8 +158,8 @@ def grouped_scales_mn_major(scales: torch.Tensor, group_offsets: torch.Tensor) -
 
 def grouped_scales_mn_major_cuda(scales: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
     """:func:`grouped_scales_mn_major` in one kernel of the library (the same elements, bit for bit;
-    ``scales`` with any strides): what the grouped GEMM runs. The torch version is a dozen small kernels a
-    call, which a training step of many grouped GEMMs felt (benchmarks/NOTES_gpu.md)."""
+    ``scales`` with any strides): what the grouped GEMM runs. The torch version is ~19 small kernels a call,
+    which a training step of many grouped GEMMs felt (benchmarks/NOTES_gpu.md row 34)."""
     rows, kb = scales.shape
     out = torch.empty(rows * kb, dtype=torch.float32, device=scales.device)
     if rows * kb == 0:

@@ -295,7 +295,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(b, s, 3, self.n_heads, -1).unbind(2)  # [b, s, heads, head_dim] each
         # rotated in the projection's own order, heads swapped with positions only as views for the
         # attention: rotated after the swap, the rotary's backward wrote the projection's gradient through
-        # a transpose, at a fifth of the memory bandwidth (benchmarks/NOTES_gpu.md row 37)
+        # a transpose, at a fifth of the forward's speed (benchmarks/NOTES_gpu.md rows 35 and 37)
         q, k = self.rotary(q, seq_dim=1), self.rotary(k, seq_dim=1)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, s, d))
