@@ -160,17 +160,21 @@ def grouped_scales_mn_major_cuda(scales: torch.Tensor, group_offsets: torch.Tens
     """:func:`grouped_scales_mn_major` in one kernel of the library (the same elements, bit for bit;
     ``scales`` with any strides): what the grouped GEMM runs. The torch version is ~19 small kernels a call,
     which a training step of many grouped GEMMs felt (benchmarks/NOTES_gpu.md row 34)."""
+    if scales.dim() != 2 or scales.dtype != torch.float32 or group_offsets.dtype not in (torch.int32, torch.int64) \
+            or group_offsets.dim() != 1 or group_offsets.numel() < 2 or group_offsets.device != scales.device:
+        raise ValueError(f"grouped_scales_mn_major_cuda takes FP32 scales [T, KB] and int32/int64 offsets of >= 2 "
+                         f"entries on one device, got {scales.dtype} {tuple(scales.shape)} on {scales.device} and "
+                         f"{group_offsets.dtype} {tuple(group_offsets.shape)} on {group_offsets.device}")
+    return _grouped_scales_cuda(scales, group_offsets.contiguous())
+
+
+def _grouped_scales_cuda(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    # without the checks, for the grouped GEMM, which made them (offsets contiguous)
     rows, kb = scales.shape
     out = torch.empty(rows * kb, dtype=torch.float32, device=scales.device)
     if rows * kb == 0:
         return out
-    if scales.dtype != torch.float32 or group_offsets.dtype not in (torch.int32, torch.int64) or \
-            group_offsets.dim() != 1 or group_offsets.numel() < 2 or group_offsets.device != scales.device:
-        raise ValueError(f"grouped_scales_mn_major_cuda takes FP32 scales and int32/int64 offsets of >= 2 entries on "
-                         f"one device, got {scales.dtype} on {scales.device} and {group_offsets.dtype} "
-                         f"{tuple(group_offsets.shape)} on {group_offsets.device}")
-    offsets = group_offsets.contiguous()
-    _library()
+    _library()  # the argument types (cached)
     with torch.cuda.device(scales.device):  # the launch goes to the current device's context
         _cuda.call("dualflow_grouped_scales_mn_major", scales.data_ptr(), rows, kb, scales.stride(0),
                    scales.stride(1), offsets.data_ptr(), offsets.element_size(), offsets.numel() - 1, out.data_ptr(),
@@ -486,7 +490,7 @@ def grouped_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     offsets = group_offsets.contiguous()
     config = resolve_config("grouped", t, n, k, config, groups=groups, num_sms=_num_sms(device))
     with nvtx.range(f"cutlass.grouped_gemm.{config}"):
-        sfa = grouped_scales_mn_major_cuda(a_scales, offsets)
+        sfa = _grouped_scales_cuda(a_scales, offsets)
         sfb = b_scales.contiguous()
         _launch("dualflow_cutlass_grouped_gemm", device, config, (t, n, k, groups, k, k, n, 0, 0),
                 t, n, k, groups, a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), offsets.data_ptr(),

@@ -35,9 +35,11 @@ from dualflow.fp8.quant import (
 from dualflow.fp8.recipe import Fp8Recipe
 
 
-def _kernels_usable(x: torch.Tensor, recipe: Fp8Recipe) -> bool:
-    # the quantization backend decides, as for the quantizers (Triton on sm_89+ CUDA devices for "auto")
-    return resolve_quant_backend(recipe.quant_backend, x.device) in TRITON_QUANT_BACKENDS
+def _backend_and_kernels(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[str, bool]:
+    """The resolved quantization backend (resolved once: the operators take it so) and whether the fused
+    kernels run under it (Triton's or the CUDA library's, as for the quantizers)."""
+    backend = resolve_quant_backend(recipe.quant_backend, x.device)
+    return backend, backend in TRITON_QUANT_BACKENDS
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,9 @@ def swiglu_quantize(h: torch.Tensor, recipe: Fp8Recipe, fused: bool | None = Non
 
     ``end`` (a device scalar) lets the fused kernel skip the rows from ``end`` on (left undefined).
     """
-    backend = resolve_quant_backend(recipe.quant_backend, h.device)  # once: the operator takes it resolved
+    backend, usable = _backend_and_kernels(h, recipe)
     if fused is None:
-        fused = backend in TRITON_QUANT_BACKENDS
+        fused = usable
     q, s, qt, st = torch.ops.dualflow.swiglu_quantize(h, recipe.pow2_scales, fused, backend, end)
     return (q, s), (qt, st)
 
@@ -74,9 +76,9 @@ def swiglu_backward_quantize(h: torch.Tensor, da: torch.Tensor, recipe: Fp8Recip
                              end: torch.Tensor | None = None) -> tuple[Quantized, Quantized]:
     """The gradient of :func:`swiglu_quantize`'s input, ``dh [T, 2H]``, quantized 1x128 and 128x1."""
     hidden = h.shape[1] // 2
-    backend = resolve_quant_backend(recipe.quant_backend, h.device)
+    backend, usable = _backend_and_kernels(h, recipe)
     if fused is None:
-        fused = backend in TRITON_QUANT_BACKENDS and hidden % BLOCK == 0
+        fused = usable and hidden % BLOCK == 0
     q, s, qt, st = torch.ops.dualflow.swiglu_backward_quantize(h, da, recipe.pow2_scales, fused, backend, end)
     return (q, s), (qt, st)
 
@@ -127,7 +129,7 @@ def grouped_wgrad(a: Quantized, b: Quantized, offsets: torch.Tensor, recipe: Fp8
     """
     (aq, as_), (bq, bs) = a, b
     if fused is None:
-        fused = _kernels_usable(aq, recipe)
+        fused = _backend_and_kernels(aq, recipe)[1]
     backend = wgrad_backend(recipe, aq.device) if fused else "reference"
     return torch.ops.dualflow.grouped_wgrad(aq, as_, bq, bs, offsets, backend)
 

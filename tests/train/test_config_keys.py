@@ -162,13 +162,13 @@ def test_microbatches_are_refused_before_anything_divides_by_them():
         "parallel.microbatches: expected int >= 1, got -4",)
 
 
-
 def test_sequences_longer_than_the_rotary_tables_are_refused_with_the_remedy():
     assert _problems("data.seq_len=4096") == ()  # the default tables' length
     assert _problems("data.seq_len=4097") == (
         "data.seq_len=4097 exceeds model.max_seq_len=4096, the positions whose rotary tables the model "
         "precomputes: raise model.max_seq_len",)
     assert _problems("data.seq_len=8192", "model.max_seq_len=8192") == ()
+
 
 @pytest.mark.parametrize("build, key", [
     (lambda: ParallelConfig(microbatches=0), "parallel.microbatches: expected int >= 1, got 0"),
