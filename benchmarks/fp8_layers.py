@@ -125,7 +125,7 @@ def _skewed_counts(experts: int, tokens: int, seed: int = 0) -> list[int]:
 def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
     """The weight gradients of 64 experts over 98,304 tokens (V2-Lite's gate/up projection 2816 x 2048 and
     down projection 2048 x 1408), with 1,536 tokens per expert and with skewed counts: the Triton kernel's
-    configurations and the CUTLASS k-grouped kernel against torch's BF16 grouped GEMM grouped along the
+    configurations and each CUTLASS k-grouped configuration against torch's BF16 grouped GEMM grouped along the
     tokens."""
     from dualflow.fp8 import cutlass
     from dualflow.fp8.kernels.grouped_wgrad import kgrouped_wgrad
@@ -148,7 +148,9 @@ def _sweep_wgrad(dev: torch.device, repeat: int) -> int:
             cfg = dict(block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
             fns[f"fp8 {bn}x{bm} w{warps} s{stages}"] = (
                 lambda c=cfg, a=(gt, gs, xt, xs, offsets, out): kgrouped_wgrad(*a, **c))
-        fns["fp8 cutlass kgrouped_wgrad_128x128"] = lambda a=(gt, gs, xt, xs, offsets): cutlass.kgrouped_wgrad(*a)
+        for config in (c.name for c in cutlass.CONFIGS if c.kind == "kgrouped_wgrad"):
+            fns[f"fp8 cutlass {config}"] = (
+                lambda c=config, a=(gt, gs, xt, xs, offsets): cutlass.kgrouped_wgrad(*a, config=c))
         for name in list(fns):  # a configuration that does not compile or launch here is reported and left out
             try:
                 fns[name]()

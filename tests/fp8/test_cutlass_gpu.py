@@ -167,13 +167,17 @@ def _token_groups(counts, m, n, seed, adversarial, index_dtype=torch.int64):
     return a, sa, b, sb, offsets
 
 
+KGROUPED_CONFIGS = [c.name for c in cl.CONFIGS if c.kind == "kgrouped_wgrad"]
+
+
 @pytest.mark.parametrize("counts", [[128, 0, 384, 1024, 0], [0, 0], [2048], [128] * 16, [0, 256]])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_kgrouped_wgrad(counts, index_dtype):
+@pytest.mark.parametrize("config", KGROUPED_CONFIGS)
+def test_kgrouped_wgrad(counts, index_dtype, config):
     m, n = 384, 264
     for adversarial in (False, True):
         a, sa, b, sb, offsets = _token_groups(counts, m, n, 70, adversarial, index_dtype)
-        got = cl.kgrouped_wgrad(a, sa, b, sb, offsets)
+        got = cl.kgrouped_wgrad(a, sa, b, sb, offsets, config=config)
         assert got.dtype == torch.float32 and got.shape == (len(counts), m, n)
         want = torch.ops.dualflow.grouped_wgrad(a, sa, b, sb, offsets, "reference")
         for g, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
@@ -186,7 +190,8 @@ def test_kgrouped_wgrad(counts, index_dtype):
 
 @pytest.mark.parametrize("offsets", [[0, 512, 128, 640], [-128, 128, 256, 640], [0, 100, 300, 640],
                                      [0, 256, 256, 9999]], ids=lambda o: "_".join(map(str, o)))
-def test_kgrouped_wgrad_with_malformed_offsets_stays_in_bounds(offsets):
+@pytest.mark.parametrize("config", KGROUPED_CONFIGS)
+def test_kgrouped_wgrad_with_malformed_offsets_stays_in_bounds(offsets, config):
     # operands inside NaN guard columns of their storage (a read outside them puts a NaN into the output);
     # the output is a fresh tensor, so a write outside it would corrupt memory the guards would not see:
     # compute-sanitizer on this test is the stronger check
@@ -202,7 +207,7 @@ def test_kgrouped_wgrad_with_malformed_offsets_stays_in_bounds(offsets):
     nan8 = float("nan")
     a_in, b_in = guarded_columns(a, nan8), guarded_columns(b, nan8)
     index = torch.tensor(offsets, dtype=torch.int64, device="cuda")
-    got = cl.kgrouped_wgrad(a_in, sa, b_in, sb, index)
+    got = cl.kgrouped_wgrad(a_in, sa, b_in, sb, index, config=config)
     torch.cuda.synchronize()
     assert torch.isfinite(got).all(), "a read outside a or b (their guards are NaN)"
 
