@@ -17,6 +17,10 @@ transposed copy the input gradient reads (``quantize_128x128_transposed``, per e
 beside the 128x128 quantization followed by a transposing copy (what it replaced) and an FP32 copy: the
 stacks of DeepSeek-V2-Lite's 64 experts (gate/up 64 x 2816 x 2048, down 64 x 2048 x 1408) and a dense
 weight.
+``--swiglu`` adds a table of the MoE experts' SwiGLU and its backward fused with both layouts' quantization
+of their results (``dualflow.fp8.moe``'s operators on each backend: ``cuda`` the library's one-pass kernel,
+``triton`` the Triton kernel and its column quantizer, ``reference`` plain torch), beside a copy of ``h``:
+DeepSeek-V2-Lite's experts (98,304 rows of 2 x 1408) and gpu1.toml's (34,816 rows of 2 x 512).
 ``--sweep`` (GPU) adds a table of the Triton kernel's launch settings (rows and columns per program, warps) for
 every layout (on the first ``--shape``, else 16384 x 7168): the tuning behind
 ``dualflow.fp8.kernels.quant.launch_settings``.
@@ -52,6 +56,9 @@ SMOKE_WEIGHTS = [(256, 256)]
 # (experts, rows per expert, columns): FP32 master weights as the FP8 layers quantize them (--weights)
 MASTER_WEIGHTS = [(64, 2816, 2048), (64, 2048, 1408), (1, 2048, 3072)]
 SMOKE_MASTER_WEIGHTS = [(2, 256, 384), (1, 128, 256)]
+# (rows, hidden): the experts' SwiGLU over h [rows, 2 * hidden] (--swiglu)
+SWIGLU = [(98304, 1408), (34816, 512)]
+SMOKE_SWIGLU = [(256, 128)]
 
 
 def _out_bytes(name: str, r: int, c: int) -> int:
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
     parser.add_argument("--weights", action="store_true",
                         help="also time FP32 weights quantized with their transposes (as the FP8 layers do)")
+    parser.add_argument("--swiglu", action="store_true",
+                        help="also time SwiGLU and its backward fused with their results' quantization")
     parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("ROWS", "COLS"),
                         help="a shape to time every quantizer on (repeatable; replaces the default shapes)")
     args = parser.parse_args(argv)
@@ -127,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_record(args.json, "fp8_quant_weights", weights_table.rows, smoke=args.smoke, backends=backends,
                          repeat=repeat)
+    if args.swiglu:
+        swiglu_table = _swiglu(SMOKE_SWIGLU if args.smoke else SWIGLU, device, backends, graphed, warmup, repeat)
+        swiglu_table.print()
+        if args.json:
+            write_record(args.json, "fp8_quant_swiglu", swiglu_table.rows, smoke=args.smoke, backends=backends,
+                         repeat=repeat)
     if args.sweep:
         sweep_shape = activations[0] if args.shape else activations[-1] if args.smoke else (16384, 7168)
         sweep = _sweep(sweep_shape, device, timed, copy_gbs)
@@ -158,6 +173,31 @@ def _weights(stacks, device: torch.device, backends: list[str], graphed, warmup:
                 lambda w=w, g=g, r=r, c=c, b=backend:
                 quantize_128x128(w, backend=b)[0].view(g, r, c).transpose(1, 2).contiguous(), w.nbytes + out)
         _add_rows(table, {"weight": f"{g}x{r}x{c}"}, calls, graphed, warmup, repeat, device)
+    return table
+
+
+def _swiglu(shapes, device: torch.device, backends: list[str], graphed, warmup: int, repeat: int) -> Table:
+    """SwiGLU forward and backward with both layouts' quantization of their results, per backend, beside a
+    copy of ``h`` (interleaved, per shape). Bytes moved: the operands read once, the FP8 bytes and scales
+    written (what a one-pass kernel must move)."""
+    from dualflow.fp8.moe import run_swiglu_backward_quantize, run_swiglu_quantize
+
+    table = Table(["rows x hidden", "op", "backend", "ms", "GB/s", "of copy"],
+                  title="SwiGLU fused with FP8 quantization (1x128 and 128x1)")
+    for t, hidden in shapes:
+        h = torch.randn(t, 2 * hidden, device=device, dtype=torch.bfloat16) * 2
+        da = torch.randn(t, hidden, device=device, dtype=torch.bfloat16)
+        y = torch.empty_like(h)
+        fwd = h.nbytes + _out_bytes("quantize_1x128_and_128x1", t, hidden)
+        bwd = h.nbytes + da.nbytes + _out_bytes("quantize_1x128_and_128x1", t, 2 * hidden)
+        calls = {("copy (bf16 h)", "torch"): (lambda h=h, y=y: y.copy_(h), 2 * h.nbytes)}
+        for backend in backends:
+            fused = backend != "reference"
+            calls[("swiglu", backend)] = (
+                lambda h=h, f=fused, b=backend: run_swiglu_quantize(h, False, f, b, None), fwd)
+            calls[("swiglu backward", backend)] = (
+                lambda h=h, da=da, f=fused, b=backend: run_swiglu_backward_quantize(h, da, False, f, b, None), bwd)
+        _add_rows(table, {"rows x hidden": f"{t}x{hidden}"}, calls, graphed, warmup, repeat, device)
     return table
 
 

@@ -44,6 +44,18 @@ DUALFLOW_API int dualflow_quantize_act(uintptr_t x, int dtype, int64_t rows, int
                                        uintptr_t q, uintptr_t s, int64_t ssr, int64_t ssc, uintptr_t qt, uintptr_t st,
                                        int64_t sstr, int64_t sstc, float amax_floor, int pow2, uintptr_t stream);
 
+// SwiGLU (da == 0) or its backward, fused with the FP8 quantization of the result in both layouts of
+// dualflow_quantize_act (its layouts = 3: the same outputs and scale strides; the result has hidden columns
+// forward, 2 * hidden backward). h [rows, 2 * hidden] = [gate | up] with row stride ldh; the backward's da [rows, hidden] with
+// row stride ldda, and hidden a multiple of 128. The value is computed in FP32 as dualflow/fp8/moe.py's
+// reference does, rounded to h's dtype (0 bfloat16, 1 float16), then quantized. end: 0, or a device int32
+// (end_bytes 4) or int64 (8) scalar; the 128-row tiles that start at or after it are skipped (their outputs
+// stay unwritten). rows, hidden and the row strides must be multiples of 4, h and da 8-byte aligned.
+DUALFLOW_API int dualflow_swiglu_quantize(uintptr_t h, int dtype, int64_t rows, int64_t hidden, int64_t ldh,
+                                          uintptr_t da, int64_t ldda, uintptr_t end, int end_bytes, uintptr_t q,
+                                          uintptr_t s, int64_t ssr, int64_t ssc, uintptr_t qt, uintptr_t st,
+                                          int64_t sstr, int64_t sstc, float amax_floor, int pow2, uintptr_t stream);
+
 // The 1x128 scales s [rows, kb] (strides ssr, ssc; FP32) of the grouped GEMMs' contiguous layout, rearranged
 // for the grouped kernel: out (FP32, rows * kb) holds group g's scales as an MN-major block [kb, m_g] starting
 // at element offsets[g] * kb, m_g = offsets[g + 1] - offsets[g]. offsets (int32 or int64 by offset_bytes,

@@ -13,7 +13,7 @@ import functools
 import os
 from pathlib import Path
 
-ABI_VERSION = 5  # must equal dualflow_abi_version() of csrc/core.cu
+ABI_VERSION = 6  # must equal dualflow_abi_version() of csrc/core.cu
 LIBRARY_NAME = "libdualflow_cuda.so"
 ENV_PATH = "DUALFLOW_CUDA_LIB"
 

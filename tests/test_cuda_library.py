@@ -83,6 +83,36 @@ def test_grouped_scale_conversion_checks_its_arguments_before_the_gpu(lib):
     _cuda.call(name, 0, 0, 2, 2, 1, 0, 4, 1, 0, 0)  # nothing to convert: returns before any launch
 
 
+def test_swiglu_quantizer_checks_its_arguments_before_the_gpu(lib):
+    # every check runs on the host, before a launch: no GPU needed
+    name = "dualflow_swiglu_quantize"
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int
+    getattr(lib, name).argtypes = [ptr, c_int, i64, i64, i64, ptr, i64, ptr, c_int, ptr, ptr, i64, i64, ptr, ptr,
+                                   i64, i64, ctypes.c_float, c_int, ptr]
+
+    def call(h=4096, dtype=0, rows=256, hidden=256, ldh=512, da=0, ldda=256, end=0, end_bytes=0, q=8192, s=16384):
+        _cuda.call(name, h, dtype, rows, hidden, ldh, da, ldda, end, end_bytes, q, s, 2, 1, 32768, 65536, 2, 1,
+                   1e-30, 0, 0)
+
+    with pytest.raises(_cuda.CudaLibraryError, match="dtype must be 0"):
+        call(dtype=2)
+    with pytest.raises(_cuda.CudaLibraryError, match="negative size"):
+        call(rows=-4)
+    with pytest.raises(_cuda.CudaLibraryError, match="multiples of 4"):
+        call(rows=254)
+    with pytest.raises(_cuda.CudaLibraryError, match="the stride >= 2 \\* hidden"):
+        call(ldh=256)
+    with pytest.raises(_cuda.CudaLibraryError, match="the backward needs hidden a multiple of 128"):
+        call(hidden=192, ldh=384, da=8192, ldda=192)
+    with pytest.raises(_cuda.CudaLibraryError, match="h must be 8-byte aligned"):
+        call(h=4100)
+    with pytest.raises(_cuda.CudaLibraryError, match="end_bytes must be 0"):
+        call(end=64, end_bytes=2)
+    with pytest.raises(_cuda.CudaLibraryError, match="the outputs of each layout"):
+        call(q=0)
+    call(rows=0)  # nothing to compute: returns before any launch
+
+
 def test_device_count_without_driver_is_an_error_not_a_crash(lib):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; covered by the gpu test")

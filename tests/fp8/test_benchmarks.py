@@ -36,7 +36,8 @@ def test_fp8_gemm_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_fp8_quant_smoke(tmp_path):
-    activations, weights = _run(["benchmarks/fp8_quant.py", "--weights"], tmp_path / "quant.json", records=2)
+    activations, weights, swiglu = _run(["benchmarks/fp8_quant.py", "--weights", "--swiglu"], tmp_path / "quant.json",
+                                        records=3)
     assert activations["benchmark"] == "fp8_quant" and weights["benchmark"] == "fp8_quant_weights"
     rows = activations["rows"]
     ops = {r["op"] for r in rows}
@@ -46,3 +47,7 @@ def test_fp8_quant_smoke(tmp_path):
     assert {r["op"] for r in rows} == {"copy (fp32)", "quantize_128x128_transposed",
                                        "quantize_128x128 + transposing copy"}
     assert {r["weight"] for r in rows} == {"2x256x384", "1x128x256"} and all(r["GB/s"] > 0 for r in rows)
+    assert swiglu["benchmark"] == "fp8_quant_swiglu"
+    assert {(r["op"], r["backend"]) for r in swiglu["rows"]} == {
+        ("copy (bf16 h)", "torch"), ("swiglu", "reference"), ("swiglu backward", "reference")}
+    assert all(r["GB/s"] > 0 for r in swiglu["rows"])

@@ -11,6 +11,10 @@ quantizer over the written value (Triton's, or the CUDA library's under ``cuda``
 both layouts from a 128x128 tile held in registers ran at about 15-20% of the copy bandwidth on an H200:
 the tiles spill.)
 ``silu(g) = g / (1 + exp(-g))``; the scales and rounding are the quantizer's own code.
+
+Under the quantization backend ``cuda`` the CUDA library's kernel (``csrc/swiglu.cu``) replaces both
+steps where it takes the shapes: it computes the value where it loads the operands and quantizes it in
+both layouts from a 128x128 tile held in shared memory in 16 bits, so the value is never written.
 """
 
 from __future__ import annotations
@@ -104,11 +108,27 @@ def _columnwise(v: torch.Tensor, pow2_scales: bool, quant_backend: str):
     return qt, st
 
 
+def _cuda_takes(h: torch.Tensor, da: torch.Tensor | None, quant_backend: str) -> bool:
+    # under the `cuda` backend (the library is there: the backend resolved to it), the library's kernel
+    # computes both layouts in one pass where it takes the shapes; this module's kernels otherwise
+    if quant_backend != "cuda" or h.device.type != "cuda":
+        return False
+    from dualflow.fp8.cuda_quant import swiglu_why_not
+
+    return swiglu_why_not(h, da) is None
+
+
 def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None,
                    quant_backend: str = "triton"):
     """``(q, s, qt, st)`` of ``silu(gate) * up`` for ``h = [gate | up]``; with ``end`` (a device scalar), rows
     from ``end`` on are skipped and their outputs are undefined. ``quant_backend`` (a quantization backend
-    name, as :func:`dualflow.fp8.quant.run_quantizer` takes it) quantizes the 128x1 layout."""
+    name, as :func:`dualflow.fp8.quant.run_quantizer` takes it) quantizes the 128x1 layout; under ``cuda``
+    the CUDA library's fused kernel (:func:`dualflow.fp8.cuda_quant.swiglu_quantize`) writes both layouts
+    where it takes the shapes."""
+    if _cuda_takes(h, None, quant_backend):
+        from dualflow.fp8.cuda_quant import launch_swiglu
+
+        return launch_swiglu(h, None, end, pow2_scales)
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, hidden, h.dtype, h.device)
@@ -123,6 +143,10 @@ def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: t
                     quant_backend: str = "triton"):
     """``(q, s, qt, st)`` of ``dh`` (``[T, 2H]``) from ``h`` and ``da``; ``H % 128 == 0``; ``end`` and
     ``quant_backend`` as above."""
+    if _cuda_takes(h, da, quant_backend):
+        from dualflow.fp8.cuda_quant import launch_swiglu
+
+        return launch_swiglu(h, da, end, pow2_scales)
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, two_h, h.dtype, h.device)
