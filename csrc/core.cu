@@ -42,6 +42,7 @@ extern "C" {
 // 3: dualflow_quantize_1x128_128x1
 // 4: dualflow_quantize_act (every activation layout from one entry point)
 // 5: dualflow_grouped_scales_mn_major
+// 6: dualflow_swiglu_quantize
 int dualflow_abi_version(void) { return 6; }
 
 const char* dualflow_last_error(void) { return dualflow::g_last_error.c_str(); }

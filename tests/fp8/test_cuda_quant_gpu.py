@@ -10,17 +10,8 @@ from dualflow.fp8 import cuda_quant, quantize_1x128, quantize_1x128_and_128x1
 from dualflow.fp8.quant import run_quantizer
 from tests.fp8.helpers import KINDS, adversarial, assert_same_fp8, assert_same_scales
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_quant_kernels")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def _needs_the_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = cuda_quant.unavailable_reason(CUDA)
-    if reason is not None:
-        pytest.skip(reason)
 
 
 LAYOUTS = {"fused": (True, True), "1x128": (True, False), "128x1": (False, True)}

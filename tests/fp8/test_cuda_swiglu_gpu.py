@@ -15,17 +15,8 @@ from dualflow.fp8 import cuda_quant
 from dualflow.fp8.moe import run_swiglu_backward_quantize, run_swiglu_quantize
 from tests.fp8.helpers import adversarial, assert_same_fp8, assert_same_scales
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_quant_kernels")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def _needs_the_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = cuda_quant.unavailable_reason(CUDA)
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def _same(got, want, rows: int | None = None) -> None:

@@ -108,14 +108,15 @@ def _columnwise(v: torch.Tensor, pow2_scales: bool, quant_backend: str):
     return qt, st
 
 
-def _cuda_takes(h: torch.Tensor, da: torch.Tensor | None, quant_backend: str) -> bool:
-    # under the `cuda` backend (the library is there: the backend resolved to it), the library's kernel
-    # computes both layouts in one pass where it takes the shapes; this module's kernels otherwise
+def _on_the_library(h: torch.Tensor, da: torch.Tensor | None, end: torch.Tensor | None, pow2_scales: bool,
+                    quant_backend: str):
+    # under the `cuda` backend (the library is there: the backend resolved to it) the library's kernel
+    # computes both layouts in one pass where it takes the shapes: its (q, s, qt, st); None otherwise
     if quant_backend != "cuda" or h.device.type != "cuda":
-        return False
-    from dualflow.fp8.cuda_quant import swiglu_why_not
+        return None
+    from dualflow.fp8.cuda_quant import launch_swiglu, swiglu_why_not
 
-    return swiglu_why_not(h, da) is None
+    return launch_swiglu(h, da, end, pow2_scales) if swiglu_why_not(h, da) is None else None
 
 
 def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None = None,
@@ -125,10 +126,9 @@ def swiglu_forward(h: torch.Tensor, pow2_scales: bool, end: torch.Tensor | None 
     name, as :func:`dualflow.fp8.quant.run_quantizer` takes it) quantizes the 128x1 layout; under ``cuda``
     the CUDA library's fused kernel (:func:`dualflow.fp8.cuda_quant.swiglu_quantize`) writes both layouts
     where it takes the shapes."""
-    if _cuda_takes(h, None, quant_backend):
-        from dualflow.fp8.cuda_quant import launch_swiglu
-
-        return launch_swiglu(h, None, end, pow2_scales)
+    done = _on_the_library(h, None, end, pow2_scales, quant_backend)
+    if done is not None:
+        return done
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, hidden, h.dtype, h.device)
@@ -143,10 +143,9 @@ def swiglu_backward(h: torch.Tensor, da: torch.Tensor, pow2_scales: bool, end: t
                     quant_backend: str = "triton"):
     """``(q, s, qt, st)`` of ``dh`` (``[T, 2H]``) from ``h`` and ``da``; ``H % 128 == 0``; ``end`` and
     ``quant_backend`` as above."""
-    if _cuda_takes(h, da, quant_backend):
-        from dualflow.fp8.cuda_quant import launch_swiglu
-
-        return launch_swiglu(h, da, end, pow2_scales)
+    done = _on_the_library(h, da, end, pow2_scales, quant_backend)
+    if done is not None:
+        return done
     t, two_h = h.shape
     hidden = two_h // 2
     v, q, s = _rowwise_outputs(t, two_h, h.dtype, h.device)
